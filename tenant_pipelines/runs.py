@@ -1,0 +1,233 @@
+"""Dagster run control and run history for tenants.
+
+Runs are launched the way the Dagster UI launches them: the ``launchRun`` and
+``launchRunReexecution`` GraphQL mutations, executed in-process against a workspace
+context, so the run goes through the queue (one run per tenant at a time) and carries our
+tags. History is read from run storage by the ``dagster/partition`` tag and step stats,
+which are indexed; the event log is read only for the error of a failed step.
+"""
+
+import asyncio
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import ModuleTarget
+from dagster_graphql.schema import create_schema
+
+from .assets import ACTOR_TAG, CORRELATION_TAG, TENANT_TAG, provision_tenant, tenants_partitions
+from .telemetry import scrub
+
+LOCATION = "tenant_pipelines"
+REPOSITORY = "__repository__"
+PARTITION_TAG = "dagster/partition"
+UNFINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+
+_LAUNCH = """
+mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+  __typename
+  ... on LaunchRunSuccess { run { runId } }
+  ... on PythonError { message }
+  ... on RunConfigValidationInvalid { errors { message } }
+  ... on InvalidSubsetError { message }
+  ... on PipelineNotFoundError { message }
+  ... on RunConflict { message }
+} }"""
+_REEXECUTE = """
+mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) {
+  __typename
+  ... on LaunchRunSuccess { run { runId } }
+  ... on PythonError { message }
+  ... on RunConfigValidationInvalid { errors { message } }
+  ... on InvalidSubsetError { message }
+  ... on PipelineNotFoundError { message }
+  ... on RunConflict { message }
+} }"""
+_TERMINATE = """
+mutation($runId: String!) { terminateRun(runId: $runId) {
+  __typename
+  ... on TerminateRunFailure { message }
+  ... on RunNotFoundError { message }
+  ... on PythonError { message }
+} }"""
+
+_schema: Any = None
+
+
+class LaunchError(Exception):
+    """Dagster refused to launch or terminate a run; the message says why."""
+
+
+def workspace(instance: DagsterInstance) -> WorkspaceProcessContext:
+    """A workspace holding our code location under the name workspace.yaml gives it."""
+    target = ModuleTarget(
+        module_name="tenant_pipelines.definitions",
+        attribute="defs",
+        working_directory=None,
+        location_name=LOCATION,
+    )
+    return WorkspaceProcessContext(instance, target)
+
+
+def graphql(ctx: WorkspaceProcessContext, query: str, variables: Mapping[str, Any]) -> Any:
+    """Execute a GraphQL document in-process, as the webserver would."""
+    global _schema
+    if _schema is None:
+        _schema = create_schema()
+    result = asyncio.run(
+        _schema.execute_async(
+            query, context_value=ctx.create_request_context(), variable_values=dict(variables)
+        )
+    )
+    if result.errors:
+        raise LaunchError(scrub(str(result.errors[0])))
+    return result.data
+
+
+def _run_id(data: Mapping[str, Any]) -> str:
+    if data["__typename"] != "LaunchRunSuccess":
+        detail = data.get("message") or data.get("errors") or data["__typename"]
+        raise LaunchError(scrub(f"{data['__typename']}: {detail}"))
+    return str(data["run"]["runId"])
+
+
+def run_tags(tenant_id: str, correlation_id: str, actor: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {
+        PARTITION_TAG: tenant_id,
+        TENANT_TAG: tenant_id,
+        CORRELATION_TAG: correlation_id,
+        ACTOR_TAG: actor,
+        **(extra or {}),
+    }
+
+
+def submit(
+    ctx: WorkspaceProcessContext,
+    tenant_id: str,
+    correlation_id: str,
+    actor: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
+    """Add the tenant's partition if needed and queue a provisioning run; return its id."""
+    ctx.instance.add_dynamic_partitions(tenants_partitions.name or "tenants", [tenant_id])
+    tags = run_tags(tenant_id, correlation_id, actor, extra_tags)
+    data = graphql(
+        ctx,
+        _LAUNCH,
+        {
+            "p": {
+                "selector": {
+                    "repositoryLocationName": LOCATION,
+                    "repositoryName": REPOSITORY,
+                    "jobName": provision_tenant.name,
+                },
+                "runConfigData": {},
+                "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+            }
+        },
+    )
+    return _run_id(data["launchRun"])
+
+
+def reexecute_from_failure(
+    ctx: WorkspaceProcessContext, parent_run_id: str, extra_tags: Mapping[str, str]
+) -> str:
+    """Queue a re-execution of ``parent_run_id`` that skips the steps which succeeded."""
+    params = {
+        "parentRunId": parent_run_id,
+        "strategy": "FROM_FAILURE",
+        "extraTags": [{"key": k, "value": v} for k, v in extra_tags.items()],
+    }
+    return _run_id(graphql(ctx, _REEXECUTE, {"p": params})["launchRunReexecution"])
+
+
+def terminate(ctx: WorkspaceProcessContext, run_id: str) -> None:
+    """Ask Dagster to terminate a run (queued runs are cancelled outright)."""
+    data = graphql(ctx, _TERMINATE, {"runId": run_id})["terminateRun"]
+    if data["__typename"] not in ("TerminateRunSuccess",):
+        raise LaunchError(scrub(str(data.get("message") or data["__typename"])))
+
+
+def runs_of(instance: DagsterInstance, tenant_id: str, limit: int = 50) -> list[Any]:
+    """The tenant's provisioning runs, newest first."""
+    return list(
+        instance.get_runs(
+            RunsFilter(job_name=provision_tenant.name, tags={PARTITION_TAG: tenant_id}), limit=limit
+        )
+    )
+
+
+def unfinished_run(instance: DagsterInstance, tenant_id: str) -> str | None:
+    """The id of a queued or running provisioning run of the tenant, if any."""
+    runs = instance.get_runs(
+        RunsFilter(
+            job_name=provision_tenant.name, tags={PARTITION_TAG: tenant_id}, statuses=UNFINISHED
+        ),
+        limit=1,
+    )
+    return runs[0].run_id if runs else None
+
+
+def _ts(value: float | None) -> str | None:
+    return dt.datetime.fromtimestamp(value, dt.UTC).isoformat() if value else None
+
+
+def step_errors(instance: DagsterInstance, run_id: str) -> dict[str, str]:
+    """The scrubbed error message of each failed step of a run."""
+    out: dict[str, str] = {}
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records
+    for rec in records:
+        event = rec.event_log_entry.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        data = event.event_specific_data
+        error = getattr(data, "error", None)
+        user = getattr(data, "user_failure_data", None)
+        message = (user.description if user and user.description else None) or (
+            error.message.strip() if error else "failed"
+        )
+        out[event.step_key] = scrub(message)
+    return out
+
+
+def history(instance: DagsterInstance, tenant_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """Every provisioning run of the tenant, newest first, with each step's status."""
+    out = []
+    for run in runs_of(instance, tenant_id, limit):
+        stats = {s.step_key: s for s in instance.get_run_step_stats(run.run_id)}
+        errors = step_errors(instance, run.run_id) if run.status == DagsterRunStatus.FAILURE else {}
+        record = instance.get_run_record_by_id(run.run_id)
+        steps = []
+        for key, s in stats.items():
+            duration = (s.end_time - s.start_time) if s.end_time and s.start_time else None
+            steps.append(
+                {
+                    "step": key,
+                    "status": s.status.value if s.status else "IN_PROGRESS",
+                    "start": _ts(s.start_time),
+                    "end": _ts(s.end_time),
+                    "duration_s": round(duration, 4) if duration is not None else None,
+                    "attempts": s.attempts,
+                    "error": errors.get(key),
+                }
+            )
+        out.append(
+            {
+                "run_id": run.run_id,
+                "status": run.status.value,
+                "correlation_id": run.tags.get(CORRELATION_TAG),
+                "parent_run_id": run.parent_run_id,
+                "start": _ts(record.start_time) if record else None,
+                "end": _ts(record.end_time) if record else None,
+                "steps": sorted(steps, key=lambda s: s["start"] or "~"),
+            }
+        )
+    return out
