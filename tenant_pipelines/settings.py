@@ -46,6 +46,9 @@ class Settings:
     lock_timeout_s: float = 30.0
     reset_token_ttl_s: int = 72 * 3600
     mssql_url: str = ""
+    root_admin_email: str = "admin@tenant-pipelines.invalid"
+    host: str = "127.0.0.1"
+    port: int = 3000
 
     @property
     def default_provider(self) -> str:
