@@ -307,6 +307,10 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
     sv.set_defaults(fn=cmd_serve)
+
+    from . import auth
+
+    auth.add_cli_commands(sub)
     return p
 
 
