@@ -115,12 +115,16 @@ def _step(
     platform: Platform,
     step: str,
     body: Callable[[Settings, Tenant], dict[str, Any]],
-) -> MaterializeResult:
+) -> MaterializeResult[Any]:
+    from . import telemetry
+
     settings = platform.settings()
     tenant_id = context.partition_key
     attempt = context.retry_number + 1
+    telemetry.configure_logging()
     log = get_logger()
-    correlation = context.run.tags.get(CORRELATION_TAG) or context.run_id.replace("-", "")
+    tags = context.run.tags
+    correlation = tags.get(CORRELATION_TAG) or context.run_id.replace("-", "")
     fields: dict[str, Any] = {
         "tenant_id": tenant_id,
         "correlation_id": correlation,
@@ -128,82 +132,148 @@ def _step(
         "attempt": attempt,
         "run_id": context.run_id,
     }
-    started = time.monotonic()
-    try:
-        with registry.tenant_lock(settings, tenant_id, settings.lock_timeout_s):
-            try:
-                tenant = registry.get_tenant(settings, tenant_id)
-            except NotFoundError:
-                raise Failure(f"no tenant '{tenant_id}' in the control plane", allow_retries=False)
-            if not tenant.is_active:
-                raise Failure(f"tenant '{tenant_id}' is deactivated", allow_retries=False)
-            if tenant.is_expired():
-                raise Failure(f"tenant '{tenant_id}' is past valid_until", allow_retries=False)
-            if tenant.status != "provisioning" or tenant.run_id != context.run_id:
-                moved = registry.transition(
-                    settings,
-                    tenant_id,
-                    "provisioning",
-                    allowed_from=IN_FLIGHT,
-                    correlation_id=correlation,
-                    run_id=context.run_id,
-                    actor=context.run.tags.get(ACTOR_TAG, "dagster"),
-                    event="started",
-                    details={"run_id": context.run_id, "first_step": step},
+    # A re-execution copies its parent's tags, traceparent included; it gets its own trace.
+    tag_value = tags.get(telemetry.TRACEPARENT_TAG)
+    inherited = False
+    if tag_value and context.run.parent_run_id:
+        parent_run = context.instance.get_run_by_id(context.run.parent_run_id)
+        inherited = bool(parent_run and parent_run.tags.get(telemetry.TRACEPARENT_TAG) == tag_value)
+    span_attributes: dict[str, str | int] = {
+        "tenant.id": tenant_id,
+        "correlation.id": correlation,
+        "attempt": attempt,
+    }
+    with telemetry.step_span(
+        step,
+        run_id=context.run_id,
+        tag_value=tag_value,
+        inherited=inherited,
+        attributes=span_attributes,
+    ) as span:
+        fields["trace_id"] = span.trace_id
+        started = time.monotonic()
+        try:
+            with registry.tenant_lock(settings, tenant_id, settings.lock_timeout_s):
+                try:
+                    tenant = registry.get_tenant(settings, tenant_id)
+                except NotFoundError:
+                    raise Failure(
+                        f"no tenant '{tenant_id}' in the control plane", allow_retries=False
+                    ) from None
+                if not tenant.is_active:
+                    raise Failure(f"tenant '{tenant_id}' is deactivated", allow_retries=False)
+                if tenant.is_expired():
+                    raise Failure(f"tenant '{tenant_id}' is past valid_until", allow_retries=False)
+                if tenant.status != "provisioning" or tenant.run_id != context.run_id:
+                    moved = registry.transition(
+                        settings,
+                        tenant_id,
+                        "provisioning",
+                        allowed_from=IN_FLIGHT,
+                        correlation_id=correlation,
+                        run_id=context.run_id,
+                        actor=tags.get(ACTOR_TAG, "dagster"),
+                        event="started",
+                        details={"run_id": context.run_id, "first_step": step},
+                    )
+                    if not moved:
+                        raise Failure(
+                            f"tenant '{tenant_id}' is {tenant.status}", allow_retries=False
+                        )
+                    tenant = registry.get_tenant(settings, tenant_id)
+                log.info(
+                    "step started: " + telemetry.kv(fields),
+                    extra={"fields": {**fields, "event": "step_started"}},
                 )
-                if not moved:
-                    raise Failure(f"tenant '{tenant_id}' is {tenant.status}", allow_retries=False)
-                tenant = registry.get_tenant(settings, tenant_id)
-            log.info("step started", extra={"fields": fields})
-            metadata = body(settings, tenant)
-    except DagsterExecutionInterruptedError:
-        registry.transition(
-            settings,
-            tenant_id,
-            "cancelled",
-            allowed_from=("provisioning", "requested"),
-            reason=f"{step}: run terminated",
-            actor="system",
-            event="cancelled",
-            details={"step": step, "run_id": context.run_id},
+                metadata = body(settings, tenant)
+                duration = time.monotonic() - started
+                succeeded = {"step": step, "attempt": attempt, "duration_s": round(duration, 4)}
+                if step == FINAL_STEP:
+                    # The last step's success, 'completed' and the move to active are one
+                    # transaction: no trail ever shows a verified tenant that is not active.
+                    if not registry.transition(
+                        settings,
+                        tenant_id,
+                        "active",
+                        allowed_from=("provisioning",),
+                        reason=None,
+                        event="completed",
+                        details={"run_id": context.run_id},
+                        pre_events=[("step_succeeded", succeeded)],
+                    ):
+                        current = registry.get_tenant(settings, tenant_id)
+                        raise Failure(
+                            f"tenant is {current.status}; not marked active", allow_retries=False
+                        )
+                    metadata = {**metadata, "status": "active"}
+        except DagsterExecutionInterruptedError:
+            duration = time.monotonic() - started
+            span.cancelled()
+            registry.transition(
+                settings,
+                tenant_id,
+                "cancelled",
+                allowed_from=("provisioning", "requested"),
+                reason=f"{step}: run terminated",
+                actor="system",
+                event="cancelled",
+                details={"step": step, "run_id": context.run_id},
+            )
+            end = {**fields, "duration_s": round(duration, 4), "outcome": "cancelled"}
+            log.warning(
+                "step cancelled: " + telemetry.kv(end),
+                extra={"fields": {**end, "event": "step_finished"}},
+            )
+            telemetry.flush()
+            raise
+        except Exception as exc:
+            duration = time.monotonic() - started
+            message = scrub(
+                (exc.description or "step failed") if isinstance(exc, Failure) else _describe(exc)
+            )
+            transient = isinstance(exc, TRANSIENT) or getattr(exc, "transient", False)
+            retrying = transient and attempt <= RETRY.max_retries
+            registry.audit(
+                settings,
+                tenant_id,
+                "step_failed",
+                "system",
+                correlation,
+                {
+                    "step": step,
+                    "attempt": attempt,
+                    "error": message,
+                    "will_retry": retrying,
+                    "duration_s": round(duration, 4),
+                },
+            )
+            span.failed(message, type(exc).__name__, retrying=retrying)
+            end = {
+                **fields,
+                "duration_s": round(duration, 4),
+                "outcome": "retrying" if retrying else "failed",
+                "will_retry": retrying,
+            }
+            log.warning(
+                "step failed: " + telemetry.kv(end) + f" error={message}",
+                extra={"fields": {**end, "error": message, "event": "step_finished"}},
+            )
+            if retrying:
+                raise TransientStepError(message) from None
+            _tenant_failed(settings, tenant_id, step, message, context)
+            telemetry.flush()
+            raise Failure(f"{step} failed: {message}", allow_retries=False) from None
+        if step != FINAL_STEP:
+            registry.audit(settings, tenant_id, "step_succeeded", "system", correlation, succeeded)
+        span.succeeded()
+        end = {**fields, "duration_s": round(duration, 4), "outcome": "success"}
+        log.info(
+            "step succeeded: " + telemetry.kv(end),
+            extra={"fields": {**end, "event": "step_finished"}},
         )
-        raise
-    except Exception as exc:
-        duration = time.monotonic() - started
-        message = scrub(exc.description if isinstance(exc, Failure) else _describe(exc))
-        transient = isinstance(exc, TRANSIENT) or getattr(exc, "transient", False)
-        retrying = transient and attempt <= RETRY.max_retries
-        registry.audit(
-            settings,
-            tenant_id,
-            "step_failed",
-            "system",
-            correlation,
-            {"step": step, "attempt": attempt, "error": message, "will_retry": retrying,
-             "duration_s": round(duration, 4)},
-        )
-        log.warning(
-            "step failed",
-            extra={"fields": {**fields, "duration_s": duration, "outcome": "error",
-                              "error": message, "will_retry": retrying}},
-        )
-        if retrying:
-            raise TransientStepError(message) from None
-        _tenant_failed(settings, tenant_id, step, message, context)
-        raise Failure(f"{step} failed: {message}", allow_retries=False) from None
-    duration = time.monotonic() - started
-    registry.audit(
-        settings,
-        tenant_id,
-        "step_succeeded",
-        "system",
-        correlation,
-        {"step": step, "attempt": attempt, "duration_s": round(duration, 4)},
-    )
-    log.info(
-        "step succeeded",
-        extra={"fields": {**fields, "duration_s": duration, "outcome": "success"}},
-    )
+    if step == FINAL_STEP:
+        # The run's last step: the worker exits soon, push the spans out now.
+        telemetry.flush()
     return MaterializeResult(metadata={**metadata, "duration_s": round(duration, 4)})
 
 
@@ -246,14 +316,24 @@ def database(settings: Settings, tenant: Tenant) -> dict[str, Any]:
 
 
 def migrations(settings: Settings, tenant: Tenant) -> dict[str, Any]:
+    from .telemetry import module_span
+
     try:
-        results = migrate.apply(settings.migrations_dir, tenant_engine(settings, tenant), tenant)
+        results = migrate.apply(
+            settings.migrations_dir, tenant_engine(settings, tenant), tenant, on_module=module_span
+        )
     except migrate.MigrationError as exc:
         if exc.transient:
             raise
-        raise Failure(str(exc), allow_retries=False, metadata={
-            "module": exc.module, "revision": exc.revision or "", "error": exc.error,
-        }) from None
+        raise Failure(
+            scrub(str(exc)),
+            allow_retries=False,
+            metadata={
+                "module": exc.module,
+                "revision": exc.revision or "",
+                "error": scrub(exc.error),
+            },
+        ) from None
     return {r.module: f"{r.before or 'base'} -> {r.after}" for r in results} | {
         "applied": sum(r.changed for r in results)
     }
@@ -303,22 +383,11 @@ def verification_problems(settings: Settings, tenant: Tenant) -> list[str]:
 
 
 def verified(settings: Settings, tenant: Tenant) -> dict[str, Any]:
+    """Check the tenant as it will connect; ``_step`` then marks it active."""
     problems = verification_problems(settings, tenant)
     if problems:
         raise Failure("verification failed: " + "; ".join(problems), allow_retries=False)
-    moved = registry.transition(
-        settings,
-        tenant.id,
-        "active",
-        allowed_from=("provisioning",),
-        reason=None,
-        event="completed",
-        details={"run_id": tenant.run_id},
-    )
-    if not moved:
-        current = registry.get_tenant(settings, tenant.id)
-        raise Failure(f"tenant is {current.status}; not marked active", allow_retries=False)
-    return {"status": "active"}
+    return {"checks": "migrations at head, admin user, roles, cache"}
 
 
 def _asset(name: str, deps: list[str], body: Callable[[Settings, Tenant], dict[str, Any]],
@@ -354,6 +423,7 @@ STEPS = [
            "The tenant checked as it will connect; marks it active."),
 ]
 STEP_NAMES = [s.key.path[-1] for s in STEPS]
+FINAL_STEP = STEP_NAMES[-1]
 
 provision_tenant = define_asset_job(
     "provision_tenant",

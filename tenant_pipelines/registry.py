@@ -235,7 +235,7 @@ def validate_request(settings: Settings, conn: Connection | None, req: TenantReq
     name = req.name if isinstance(req.name, str) else ""
     if not name.strip() or len(name) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
         errors["name"] = "must be 1-200 printable characters"
-    email = req.admin_email if isinstance(req.admin_email, str) else ""
+    email = req.admin_email.strip() if isinstance(req.admin_email, str) else ""
     if len(email) > 254 or not EMAIL_PATTERN.match(email):
         errors["admin_email"] = "must be an email address"
     provider = req.provider or settings.default_provider
@@ -412,8 +412,11 @@ def transition(
     details: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     only_run_id: str | None = None,
+    pre_events: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> bool:
     """Move a tenant to ``to`` if its status is in ``allowed_from``; audit it; True if moved.
+
+    ``pre_events`` are audited just before ``event``, in the same transaction.
 
     The check and the write are one conditional UPDATE, so concurrent callers (twenty
     retries at once, a sensor and a run) cannot both win.
@@ -433,11 +436,15 @@ def transition(
         stmt = stmt.where(tenants.c.run_id == only_run_id)
     with engine(settings).begin() as conn:
         moved = conn.execute(stmt).rowcount == 1
-        if moved and event:
+        if moved and (event or pre_events):
             row = conn.execute(
                 sa.select(tenants.c.correlation_id).where(tenants.c.id == tenant_id)
             ).first()
-            record(conn, tenant_id, event, actor, row.correlation_id if row else None, details)
+            correlation = row.correlation_id if row else None
+            for pre_event, pre_details in pre_events:
+                record(conn, tenant_id, pre_event, "system", correlation, pre_details)
+            if event:
+                record(conn, tenant_id, event, actor, correlation, details)
     return moved
 
 
