@@ -20,6 +20,7 @@ from dagster import (
     Backoff,
     ConfigurableResource,
     DagsterExecutionInterruptedError,
+    DagsterRunStatus,
     DynamicPartitionsDefinition,
     Failure,
     Jitter,
@@ -153,6 +154,10 @@ def _step(
         fields["trace_id"] = span.trace_id
         started = time.monotonic()
         try:
+            if _terminating(context):
+                # Dagster issue 15026: an interrupt that landed between attempts came back
+                # as a retry; a run being terminated must not run another step.
+                raise DagsterExecutionInterruptedError()
             with registry.tenant_lock(settings, tenant_id, settings.lock_timeout_s):
                 try:
                     tenant = registry.get_tenant(settings, tenant_id)
@@ -225,7 +230,10 @@ def _step(
                 extra={"fields": {**end, "event": "step_finished"}},
             )
             telemetry.flush()
-            raise
+            # Not a bare re-raise: with a RetryPolicy and the in-process executor, Dagster
+            # turns the interrupt into a retry and the run can end SUCCESS (issue 15026).
+            # A non-retryable failure while the run is CANCELING ends it CANCELED.
+            raise Failure(f"{step}: run terminated", allow_retries=False) from None
         except Exception as exc:
             duration = time.monotonic() - started
             message = scrub(
@@ -275,6 +283,14 @@ def _step(
         # The run's last step: the worker exits soon, push the spans out now.
         telemetry.flush()
     return MaterializeResult(metadata={**metadata, "duration_s": round(duration, 4)})
+
+
+def _terminating(context: AssetExecutionContext) -> bool:
+    run = context.instance.get_run_by_id(context.run_id)
+    return run is not None and run.status in (
+        DagsterRunStatus.CANCELING,
+        DagsterRunStatus.CANCELED,
+    )
 
 
 def _describe(exc: BaseException) -> str:
