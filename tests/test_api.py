@@ -4,16 +4,21 @@ Dagster daemon): authorization matrix, CSRF, bad input, idempotent actions, Open
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import http.server
 import json
+import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websockets
-from conftest import Served, uid, wait_for
+from conftest import Served, free_port, uid, wait_for
 from openapi_spec_validator import validate
 from starlette.applications import Starlette
 
@@ -888,3 +893,137 @@ def test_pickup_of_a_tenant_that_emails_its_token_is_a_conflict(
     assert delivery.reset_link(served.settings, tenant).endswith(
         f"/api/t/{tenant_user.tenant_id}/auth/reset-password"
     )
+
+
+# --- a real browser (headless Chromium over the DevTools protocol) ----------------------------
+
+
+class Chromium:
+    """Headless Chromium driven through the DevTools protocol (no extra packages)."""
+
+    def __init__(self, binary: str, profile: Path) -> None:
+        import subprocess
+
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--remote-debugging-port={port}",
+                "--remote-allow-origins=*",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def page_url() -> str | None:
+            with contextlib.suppress(httpx.HTTPError):
+                pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                return next((p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page"), None)
+            return None
+
+        from websockets.sync.client import connect
+
+        self.ws = connect(wait_for(page_url, timeout=30, what="chromium"), max_size=None)
+        self.next_id = 0
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=30))
+            if message.get("id") == self.next_id:
+                return dict(message.get("result", {}))
+
+    def eval(self, expression: str) -> Any:
+        result = self.send(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
+        return result.get("result", {}).get("value")
+
+    def goto(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+
+    def wait(self, expression: str, what: str) -> Any:
+        try:
+            return wait_for(lambda: self.eval(expression), timeout=60, interval=0.2, what=what)
+        except AssertionError as exc:
+            page = self.eval("location.href + ' ' + (document.body || {}).innerText")
+            raise AssertionError(f"{exc}; the page is {str(page)[:500]}") from None
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed")
+def test_browser_logs_in_uses_the_ui_and_cannot_be_driven_by_another_origin(
+    served: Served, admin: Admin, client: httpx.Client, tmp_path: Path
+) -> None:
+    tenant_id = create_tenant(client, admin)
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    (evil_dir / "index.html").write_text("<!doctype html><title>evil</title><p>hello</p>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(evil_dir))
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    browser = Chromium(str(shutil.which("chromium")), tmp_path / "profile")
+    try:
+        wait_status(client, admin, tenant_id, "active")
+        browser.goto(served.url + "/dagster/runs")
+        browser.wait(
+            "location.pathname === '/auth/login' && document.readyState === 'complete'"
+            " && !!document.getElementById('login')",
+            "the login page",
+        )
+        assert browser.eval(
+            f"document.querySelector('[name=email]').value = {json.dumps(admin.email)};"
+            f"document.querySelector('[name=password]').value = {json.dumps(PASSWORD)};"
+            "document.getElementById('login').submit(); true"
+        )
+        browser.wait("location.pathname === '/dagster/runs'", "the UI after login")
+        assert browser.eval("document.cookie") == "", "the session cookie is HttpOnly"
+        browser.wait("document.querySelectorAll('script').length > 0", "the UI shell")
+        mutation = json.dumps({"query": 'mutation { terminateRun(runId: "x") { __typename } }'})
+        status = browser.eval(
+            "fetch('/dagster/graphql', {method: 'POST', headers: {'Content-Type': "
+            f"'application/json'}}, body: {json.dumps(mutation)}}}).then(r => r.status)"
+        )
+        assert status == 200, "the UI's own same-origin mutations work"
+        # Another origin on the same site (same host, other port): SameSite lets the
+        # cookie through, so only the Origin check stands between the page and the API.
+        browser.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
+        browser.wait(
+            "document.title === 'evil' && document.readyState === 'complete'", "the attacker's page"
+        )
+        for action in (
+            f"/api/tenants/{tenant_id}/deactivate",
+            "/dagster/graphql?query=mutation%7BterminateRun(runId:%22x%22)%7B__typename%7D%7D",
+        ):
+            assert browser.eval(
+                "const f = document.createElement('form'); f.method = 'POST';"
+                f"f.action = {json.dumps(served.url + action)};"
+                "document.body.appendChild(f); f.submit(); true"
+            )
+            text = browser.wait(
+                f"location.origin === {json.dumps(served.url)} && document.body.innerText",
+                "the refused form post",
+            )
+            assert "csrf_failed" in text
+            browser.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
+            browser.wait(
+                "document.title === 'evil' && document.readyState === 'complete'",
+                "the attacker's page again",
+            )
+        tenant = client.get(f"/api/tenants/{tenant_id}", headers=admin.headers).json()
+        assert tenant["tenant"]["status"] == "active"
+    finally:
+        browser.close()
+        evil.shutdown()
+        drop_tenant(served, tenant_id)
