@@ -66,7 +66,10 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
 
 def _tenant_line(t: dict[str, Any]) -> str:
     reason = f"  ({t['status_reason']})" if t.get("status_reason") else ""
-    return f"{t['id']:<24} {t['status']:<13} {t['provider']:<10} {t['strategy']:<8} {t['location']}{reason}"
+    return (
+        f"{t['id']:<24} {t['status']:<13} {t['provider']:<10} {t['strategy']:<8} "
+        f"{t['location']}{reason}"
+    )
 
 
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
@@ -95,8 +98,9 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
         return _wait(args, settings, ctx, tenant.id) if args.wait else 0
 
 
-def _wait(args: argparse.Namespace, settings: Settings, ctx: Any, tenant_id: str,
-          timeout: float = 600) -> int:
+def _wait(
+    args: argparse.Namespace, settings: Settings, ctx: Any, tenant_id: str, timeout: float = 600
+) -> int:
     """Follow a provisioning step by step until the tenant is in a final state."""
     from . import registry, runs
 
@@ -181,8 +185,11 @@ def cmd_credentials(args: argparse.Namespace, settings: Settings) -> int:
     from . import delivery
 
     token = delivery.pickup(settings, args.id, actor=f"cli:{getpass.getuser()}")
-    _print(args, {"tenant_id": args.id, "reset_token": token},
-           f"one-time reset token for {args.id} (shown once):\n{token}")
+    _print(
+        args,
+        {"tenant_id": args.id, "reset_token": token},
+        f"one-time reset token for {args.id} (shown once):\n{token}",
+    )
     return 0
 
 
@@ -220,15 +227,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         if not _root_exists(settings):
             with runs.workspace(instance) as ctx:
                 runs.create_tenant(
-                    ctx, settings,
-                    registry.TenantRequest(id=registry.ROOT_TENANT, name="Platform",
-                                           admin_email=settings.root_admin_email),
-                    actor="system", allow_reserved=True,
+                    ctx,
+                    settings,
+                    registry.TenantRequest(
+                        id=registry.ROOT_TENANT,
+                        name="Platform",
+                        admin_email=settings.root_admin_email,
+                    ),
+                    actor="system",
+                    allow_reserved=True,
                 )
             log.info("root tenant bootstrap submitted")
         host, port = args.host or settings.host, args.port or settings.port
-        print(f"tenant-pipelines on http://{host}:{port}  (Dagster UI: /dagster, API: /api)",
-              flush=True)
+        print(
+            f"tenant-pipelines on http://{host}:{port}  (Dagster UI: /dagster, API: /api)",
+            flush=True,
+        )
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -327,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+    except Exception as exc:
         from .telemetry import scrub
 
         print(f"error: {scrub(type(exc).__name__ + ': ' + str(exc))}", file=sys.stderr)

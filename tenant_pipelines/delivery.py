@@ -29,7 +29,8 @@ def send_reset_email(settings: Settings, tenant: Tenant, token: str) -> None:
     msg["To"] = tenant.admin_email
     msg.set_content(
         f"An administrator account was created for you on tenant '{tenant.id}'.\n\n"
-        f"Set your password with this one-time token (valid {settings.reset_token_ttl_s // 3600} h):\n\n"
+        f"Set your password with this one-time token "
+        f"(valid {settings.reset_token_ttl_s // 3600} h):\n\n"
         f"    {token}\n\n"
         f"POST it with your new password to {reset_link(settings, tenant)}\n"
     )
@@ -58,8 +59,14 @@ def deliver(settings: Settings, tenant: Tenant) -> dict[str, Any]:
         state, channel = "awaiting_pickup", "out_of_band"
     registry.set_fields(settings, tenant.id, credentials_state=state)
     if state == "delivered":
-        registry.audit(settings, tenant.id, "credentials_delivered", "system",
-                       tenant.correlation_id, {"channel": channel})
+        registry.audit(
+            settings,
+            tenant.id,
+            "credentials_delivered",
+            "system",
+            tenant.correlation_id,
+            {"channel": channel},
+        )
     return {"channel": channel}
 
 
@@ -75,6 +82,12 @@ def pickup(settings: Settings, tenant_id: str, actor: str) -> str:
             tenant_engine(settings, tenant), tenant, settings.reset_token_ttl_s
         )
         registry.set_fields(settings, tenant_id, credentials_state="delivered")
-        registry.audit(settings, tenant_id, "credentials_delivered", actor,
-                       tenant.correlation_id, {"channel": "out_of_band"})
+        registry.audit(
+            settings,
+            tenant_id,
+            "credentials_delivered",
+            actor,
+            tenant.correlation_id,
+            {"channel": "out_of_band"},
+        )
         return token

@@ -191,8 +191,13 @@ def upsert_user(conn: Connection, email: str, display_name: str, role: str) -> i
     if user_id is None:
         user_id = conn.execute(
             users.insert()
-            .values(email=email, display_name=display_name, is_active=True, created_at=now,
-                    updated_at=now)
+            .values(
+                email=email,
+                display_name=display_name,
+                is_active=True,
+                created_at=now,
+                updated_at=now,
+            )
             .returning(users.c.id)
         ).scalar_one()
     else:
@@ -203,7 +208,9 @@ def upsert_user(conn: Connection, email: str, display_name: str, role: str) -> i
         )
     role_id = conn.execute(sa.select(roles.c.id).where(roles.c.name == role)).scalar_one()
     if not conn.execute(
-        sa.select(user_roles).where(user_roles.c.user_id == user_id, user_roles.c.role_id == role_id)
+        sa.select(user_roles).where(
+            user_roles.c.user_id == user_id, user_roles.c.role_id == role_id
+        )
     ).first():
         conn.execute(user_roles.insert().values(user_id=user_id, role_id=role_id))
     return int(user_id)
@@ -253,8 +260,11 @@ def seed(engine: Engine, tenant: Tenant, correlation_id: str | None) -> dict[str
             ).first():
                 conn.execute(
                     audit_log.insert().values(
-                        at=utcnow(), actor="tenant-pipelines", action="tenant.provisioned",
-                        target=target, details={"modules": list(tenant.modules)},
+                        at=utcnow(),
+                        actor="tenant-pipelines",
+                        action="tenant.provisioned",
+                        target=target,
+                        details={"modules": list(tenant.modules)},
                     )
                 )
         return counts(conn)
@@ -287,9 +297,7 @@ def role_permission_sets(engine: Engine) -> dict[str, list[str]]:
 
 
 def admin_user_id(conn: Connection, tenant: Tenant) -> int | None:
-    return conn.execute(
-        sa.select(users.c.id).where(users.c.email == tenant.admin_email)
-    ).scalar()
+    return conn.execute(sa.select(users.c.id).where(users.c.email == tenant.admin_email)).scalar()
 
 
 def issue_reset_token(engine: Engine, tenant: Tenant, ttl_s: int) -> str:
@@ -315,7 +323,10 @@ def issue_reset_token(engine: Engine, tenant: Tenant, ttl_s: int) -> str:
         )
         conn.execute(
             user_tokens.insert().values(
-                user_id=user_id, purpose=RESET, token_hash=token_hash(token), created_at=now,
+                user_id=user_id,
+                purpose=RESET,
+                token_hash=token_hash(token),
+                created_at=now,
                 expires_at=now + dt.timedelta(seconds=ttl_s),
             )
         )
@@ -346,11 +357,15 @@ def reset_password(engine: Engine, token: str, new_password: str) -> str | None:
     digest = token_hash(token)
     now = utcnow()
     with engine.begin() as conn:
-        row = conn.execute(
-            sa.select(user_tokens).where(
-                user_tokens.c.token_hash == digest, user_tokens.c.purpose == RESET
+        row = (
+            conn.execute(
+                sa.select(user_tokens).where(
+                    user_tokens.c.token_hash == digest, user_tokens.c.purpose == RESET
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         if row is None or not hmac.compare_digest(row["token_hash"], digest):
             return None
         expires = row["expires_at"]
@@ -371,4 +386,6 @@ def reset_password(engine: Engine, token: str, new_password: str) -> str | None:
             .where(users.c.id == row["user_id"])
             .values(password_hash=hash_password(new_password), updated_at=now)
         )
-        return str(conn.execute(sa.select(users.c.email).where(users.c.id == row["user_id"])).scalar_one())
+        return str(
+            conn.execute(sa.select(users.c.email).where(users.c.id == row["user_id"])).scalar_one()
+        )

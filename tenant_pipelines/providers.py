@@ -96,7 +96,8 @@ class PostgresDatabase:
                 return False
             if row[0] is not None or self._has_tables():
                 raise GuardError(
-                    f"database '{self.name}' exists and does not belong to tenant '{self.tenant.id}'"
+                    f"database '{self.name}' exists and does not belong to "
+                    f"tenant '{self.tenant.id}'"
                 )
             # Created by an attempt that died before marking it, and still empty: adopt it.
             self._mark(conn, marker)
@@ -242,7 +243,8 @@ class SqlServer:
 
     @staticmethod
     def quote(name: str) -> str:
-        return str(mssql.dialect().identifier_preparer.quote_identifier(name))
+        preparer: Any = mssql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+        return str(preparer.quote_identifier(name))
 
     @staticmethod
     def literal(value: str) -> str:
@@ -287,7 +289,9 @@ class SqlServer:
         fn = "SCHEMA_ID" if self.tenant.strategy == "schema" else "DB_ID"
         eng = sa.create_engine(self._admin_url())
         with eng.connect() as conn:
-            return conn.exec_driver_sql(f"SELECT {fn}({self.literal(self.name)})").scalar() is not None
+            return (
+                conn.exec_driver_sql(f"SELECT {fn}({self.literal(self.name)})").scalar() is not None
+            )
 
     def ensure(self) -> bool:
         existed = self.exists()

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,7 @@ class Tenant:
     activated_at: dt.datetime | None = field(default=None)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "Tenant":
+    def from_row(cls, row: Any) -> "Tenant":
         data = dict(row)
         data["modules"] = tuple(data["modules"])
         for key in ("valid_until", "created_at", "updated_at", "activated_at"):
@@ -217,8 +217,9 @@ def upgrade(settings: Settings) -> None:
 # --- validation ------------------------------------------------------------------------------
 
 
-def tenant_location(req: TenantRequest) -> str:
-    return req.location or f"tenant_{req.id}"
+def tenant_location(settings: Settings, req: TenantRequest) -> str:
+    """The database/schema/file name: the request's, or the installation's prefix + id."""
+    return req.location or f"{settings.location_prefix}{req.id}"
 
 
 def validate_request(settings: Settings, conn: Connection | None, req: TenantRequest) -> None:
@@ -250,8 +251,10 @@ def validate_request(settings: Settings, conn: Connection | None, req: TenantReq
     elif provider == "sqlite" and req.strategy != "database":
         errors["strategy"] = "sqlite supports only the database (file per tenant) strategy"
     modules = list(req.modules) if isinstance(req.modules, list | tuple) else None
-    if modules is None or any(m not in MODULES for m in modules) or len(set(modules)) != len(
-        modules
+    if (
+        modules is None
+        or any(m not in MODULES for m in modules)
+        or len(set(modules)) != len(modules)
     ):
         errors["modules"] = f"must be a list of distinct modules from {', '.join(MODULES)}"
     elif "identity" not in modules:
@@ -267,7 +270,7 @@ def validate_request(settings: Settings, conn: Connection | None, req: TenantReq
         elif req.location in RESERVED_NAMES or req.location.startswith("pg_"):
             errors["location"] = f"'{req.location}' is reserved"
     if "id" not in errors and "location" not in errors and "provider" not in errors:
-        guard = location_guard_error(settings, provider, tenant_location(req))
+        guard = location_guard_error(settings, provider, tenant_location(settings, req))
         if guard:
             errors["location"] = guard
     if not errors and conn is not None:
@@ -277,9 +280,12 @@ def validate_request(settings: Settings, conn: Connection | None, req: TenantReq
             sa.select(tenants.c.id).where(
                 tenants.c.provider == provider,
                 tenants.c.server == server_for(settings, provider),
-                tenants.c.location == tenant_location(req),
+                tenants.c.location == tenant_location(settings, req),
             )
         ).first()
+        if clash and clash.id == req.id:
+            # A concurrent create of the same id committed between our two reads.
+            raise ConflictError(f"tenant '{req.id}' already exists")
         if clash:
             errors["location"] = f"belongs to tenant '{clash.id}'"
     if errors:
@@ -343,7 +349,7 @@ def create_tenant(
                     provider=provider,
                     strategy=req.strategy,
                     server=server_for(settings, provider),
-                    location=tenant_location(req),
+                    location=tenant_location(settings, req),
                     admin_email=req.admin_email.strip().lower(),
                     is_active=True,
                     valid_until=req.valid_until,
@@ -403,7 +409,7 @@ def transition(
     tenant_id: str,
     to: str,
     *,
-    allowed_from: Sequence[str] | None = None,
+    allowed_from: Collection[str] | None = None,
     reason: str | None = None,
     correlation_id: str | None = None,
     run_id: str | None = None,

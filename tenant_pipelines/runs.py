@@ -17,8 +17,8 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import ModuleTarget
 from dagster_graphql.schema import create_schema
 
-from .assets import ACTOR_TAG, CORRELATION_TAG, TENANT_TAG, provision_tenant, tenants_partitions
 from . import registry
+from .assets import ACTOR_TAG, CORRELATION_TAG, TENANT_TAG, provision_tenant, tenants_partitions
 from .settings import Settings
 from .telemetry import scrub
 
@@ -105,7 +105,9 @@ def _run_id(data: Mapping[str, Any]) -> str:
     return str(data["run"]["runId"])
 
 
-def run_tags(tenant_id: str, correlation_id: str, actor: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def run_tags(
+    tenant_id: str, correlation_id: str, actor: str, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     return {
         PARTITION_TAG: tenant_id,
         TENANT_TAG: tenant_id,
@@ -242,9 +244,15 @@ def history(instance: DagsterInstance, tenant_id: str, limit: int = 20) -> list[
 # --- tenant operations shared by the CLI and the API -----------------------------------------
 
 
-def _launch(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str, correlation: str,
-            actor: str, parent_run_id: str | None = None,
-            extra_tags: Mapping[str, str] | None = None) -> str:
+def _launch(
+    ctx: WorkspaceProcessContext,
+    settings: Settings,
+    tenant_id: str,
+    correlation: str,
+    actor: str,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
     """Launch (or re-execute) and record the run on the tenant; on refusal mark it failed."""
     try:
         if parent_run_id:
@@ -254,24 +262,41 @@ def _launch(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str, co
             run_id = submit(ctx, tenant_id, correlation, actor, extra_tags)
     except Exception as exc:
         reason = scrub(f"launch failed: {exc}")
-        registry.transition(settings, tenant_id, "failed", allowed_from=("requested",),
-                            reason=reason, event="failed", details={"error": reason})
+        registry.transition(
+            settings,
+            tenant_id,
+            "failed",
+            allowed_from=("requested",),
+            reason=reason,
+            event="failed",
+            details={"error": reason},
+        )
         raise LaunchError(reason) from None
     registry.set_fields(settings, tenant_id, run_id=run_id)
     return run_id
 
 
-def create_tenant(ctx: WorkspaceProcessContext, settings: Settings, req: registry.TenantRequest,
-                  actor: str, extra_tags: Mapping[str, str] | None = None,
-                  allow_reserved: bool = False) -> registry.Tenant:
+def create_tenant(
+    ctx: WorkspaceProcessContext,
+    settings: Settings,
+    req: registry.TenantRequest,
+    actor: str,
+    extra_tags: Mapping[str, str] | None = None,
+    allow_reserved: bool = False,
+) -> registry.Tenant:
     """CreateTenant: validate and store the request, then queue its provisioning at once."""
     tenant = registry.create_tenant(settings, req, actor, allow_reserved=allow_reserved)
     _launch(ctx, settings, tenant.id, tenant.correlation_id or "", actor, extra_tags=extra_tags)
     return registry.get_tenant(settings, tenant.id)
 
 
-def retry(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str, actor: str,
-          extra_tags: Mapping[str, str] | None = None) -> registry.Tenant:
+def retry(
+    ctx: WorkspaceProcessContext,
+    settings: Settings,
+    tenant_id: str,
+    actor: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> registry.Tenant:
     """Resume a failed or cancelled tenant from its failed step.
 
     Only one of several concurrent callers wins the status change; the others get
@@ -285,14 +310,22 @@ def retry(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str, acto
     if not tenant.is_active or tenant.is_expired():
         raise registry.ConflictError(f"tenant '{tenant_id}' is deactivated or past valid_until")
     correlation = registry.new_correlation_id()
-    if not registry.transition(settings, tenant_id, "requested",
-                               allowed_from=registry.RETRYABLE_STATUSES, reason=None,
-                               correlation_id=correlation, actor=actor, event="retry_requested",
-                               details={"previous_run_id": tenant.run_id}):
+    if not registry.transition(
+        settings,
+        tenant_id,
+        "requested",
+        allowed_from=registry.RETRYABLE_STATUSES,
+        reason=None,
+        correlation_id=correlation,
+        actor=actor,
+        event="retry_requested",
+        details={"previous_run_id": tenant.run_id},
+    ):
         raise registry.ConflictError(f"tenant '{tenant_id}' is already being retried")
     parent = _resumable_parent(ctx.instance, tenant_id)
-    _launch(ctx, settings, tenant_id, correlation, actor, parent_run_id=parent,
-            extra_tags=extra_tags)
+    _launch(
+        ctx, settings, tenant_id, correlation, actor, parent_run_id=parent, extra_tags=extra_tags
+    )
     return registry.get_tenant(settings, tenant_id)
 
 
@@ -303,8 +336,13 @@ def _resumable_parent(instance: DagsterInstance, tenant_id: str) -> str | None:
     return None
 
 
-def activate(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str, actor: str,
-             extra_tags: Mapping[str, str] | None = None) -> registry.Tenant:
+def activate(
+    ctx: WorkspaceProcessContext,
+    settings: Settings,
+    tenant_id: str,
+    actor: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> registry.Tenant:
     """Re-activate a tenant: run the whole pipeline again (a fast no-op when healthy)."""
     tenant = registry.get_tenant(settings, tenant_id)
     if tenant.is_expired():
@@ -312,10 +350,17 @@ def activate(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str, a
     if unfinished_run(ctx.instance, tenant_id):
         raise registry.ConflictError(f"tenant '{tenant_id}' is already being provisioned")
     correlation = registry.new_correlation_id()
-    if not registry.transition(settings, tenant_id, "requested",
-                               allowed_from=("active", "failed", "cancelled", "deactivated"),
-                               reason=None, correlation_id=correlation, actor=actor,
-                               event="activated", extra={"is_active": True}):
+    if not registry.transition(
+        settings,
+        tenant_id,
+        "requested",
+        allowed_from=("active", "failed", "cancelled", "deactivated"),
+        reason=None,
+        correlation_id=correlation,
+        actor=actor,
+        event="activated",
+        extra={"is_active": True},
+    ):
         raise registry.ConflictError(f"tenant '{tenant_id}' is already being provisioned")
     _launch(ctx, settings, tenant_id, correlation, actor, extra_tags=extra_tags)
     return registry.get_tenant(settings, tenant_id)
@@ -326,13 +371,21 @@ def deactivate(settings: Settings, tenant_id: str, actor: str) -> registry.Tenan
     tenant = registry.get_tenant(settings, tenant_id)
     if tenant.status == "deactivated":
         return tenant
-    registry.transition(settings, tenant_id, "deactivated", reason=f"deactivated by {actor}",
-                        actor=actor, event="deactivated", extra={"is_active": False})
+    registry.transition(
+        settings,
+        tenant_id,
+        "deactivated",
+        reason=f"deactivated by {actor}",
+        actor=actor,
+        event="deactivated",
+        extra={"is_active": False},
+    )
     return registry.get_tenant(settings, tenant_id)
 
 
-def cancel(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str,
-           actor: str) -> registry.Tenant:
+def cancel(
+    ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str, actor: str
+) -> registry.Tenant:
     """Terminate the tenant's provisioning run; the tenant ends ``cancelled``."""
     registry.get_tenant(settings, tenant_id)
     run_id = unfinished_run(ctx.instance, tenant_id)
@@ -342,9 +395,16 @@ def cancel(ctx: WorkspaceProcessContext, settings: Settings, tenant_id: str,
     run = ctx.instance.get_run_by_id(run_id)
     if run is not None and run.status == DagsterRunStatus.CANCELED:
         # A queued run is cancelled on the spot: no step will record it.
-        registry.transition(settings, tenant_id, "cancelled",
-                            allowed_from=("requested", "provisioning"), reason="run terminated",
-                            actor=actor, event="cancelled", details={"run_id": run_id})
+        registry.transition(
+            settings,
+            tenant_id,
+            "cancelled",
+            allowed_from=("requested", "provisioning"),
+            reason="run terminated",
+            actor=actor,
+            event="cancelled",
+            details={"run_id": run_id},
+        )
     else:
         registry.audit(settings, tenant_id, "cancel_requested", actor, None, {"run_id": run_id})
     return registry.get_tenant(settings, tenant_id)

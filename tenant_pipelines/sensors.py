@@ -6,6 +6,7 @@ runs directly, and steps move the tenant's status themselves.
 """
 
 import datetime as dt
+from collections.abc import Mapping
 
 import sqlalchemy as sa
 from dagster import (
@@ -37,18 +38,22 @@ ORPHAN_AFTER = dt.timedelta(seconds=10)
     default_status=DefaultSensorStatus.RUNNING,
     description="Provisions tenants that appeared in the control plane without a run.",
 )
-def reconcile_tenants(context: SensorEvaluationContext, platform: Platform) -> SensorResult | SkipReason:
+def reconcile_tenants(
+    context: SensorEvaluationContext, platform: Platform
+) -> SensorResult | SkipReason:
     settings = platform.settings()
     cutoff = registry.utcnow() - ORPHAN_AFTER
     t = registry.tenants
     with registry.engine(settings).connect() as conn:
         rows = conn.execute(
-            sa.select(t.c.id, t.c.correlation_id, t.c.run_id).where(
-                t.c.status == "requested", t.c.updated_at < cutoff
-            ).limit(100)
+            sa.select(t.c.id, t.c.correlation_id, t.c.run_id)
+            .where(t.c.status == "requested", t.c.updated_at < cutoff)
+            .limit(100)
         ).all()
         stuck = conn.execute(
-            sa.select(t.c.id, t.c.run_id).where(t.c.status == "provisioning", t.c.updated_at < cutoff)
+            sa.select(t.c.id, t.c.run_id).where(
+                t.c.status == "provisioning", t.c.updated_at < cutoff
+            )
         ).all()
     requests = []
     for tenant_id, correlation, run_id in rows:
@@ -70,9 +75,14 @@ def reconcile_tenants(context: SensorEvaluationContext, platform: Platform) -> S
         if run is None or run.status not in UNFINISHED:
             status = run.status.value if run else "missing"
             registry.transition(
-                settings, tenant_id, "failed", allowed_from=("provisioning",),
+                settings,
+                tenant_id,
+                "failed",
+                allowed_from=("provisioning",),
                 reason=f"run {run_id or '?'} ended {status} without finishing the tenant",
-                only_run_id=run_id, event="failed", details={"run_id": run_id, "by": "reconciler"},
+                only_run_id=run_id,
+                event="failed",
+                details={"run_id": run_id, "by": "reconciler"},
             )
     if not requests:
         return SkipReason("no orphaned tenants")
@@ -83,7 +93,7 @@ def reconcile_tenants(context: SensorEvaluationContext, platform: Platform) -> S
     )
 
 
-def _tenant_of(run_tags: dict[str, str]) -> str | None:
+def _tenant_of(run_tags: Mapping[str, str]) -> str | None:
     return run_tags.get(PARTITION_TAG)
 
 
@@ -98,8 +108,13 @@ def tenant_run_failed(context: RunFailureSensorContext, platform: Platform) -> N
         return
     message = context.failure_event.message or "run failed"
     registry.transition(
-        platform.settings(), tenant_id, "failed", allowed_from=("requested", "provisioning"),
-        reason=scrub(message)[:2000], only_run_id=context.dagster_run.run_id, event="failed",
+        platform.settings(),
+        tenant_id,
+        "failed",
+        allowed_from=("requested", "provisioning"),
+        reason=scrub(message)[:2000],
+        only_run_id=context.dagster_run.run_id,
+        event="failed",
         details={"run_id": context.dagster_run.run_id, "by": "sensor"},
     )
 
@@ -115,8 +130,13 @@ def tenant_run_cancelled(context: RunStatusSensorContext, platform: Platform) ->
     if not tenant_id:
         return
     registry.transition(
-        platform.settings(), tenant_id, "cancelled", allowed_from=("requested", "provisioning"),
-        reason="run terminated", only_run_id=context.dagster_run.run_id, event="cancelled",
+        platform.settings(),
+        tenant_id,
+        "cancelled",
+        allowed_from=("requested", "provisioning"),
+        reason="run terminated",
+        only_run_id=context.dagster_run.run_id,
+        event="cancelled",
         details={"run_id": context.dagster_run.run_id, "by": "sensor"},
     )
 

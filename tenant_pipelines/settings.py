@@ -5,6 +5,7 @@ Nothing here runs at import: the CLI, the HTTP service and the Dagster resources
 """
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -47,6 +48,8 @@ class Settings:
     reset_token_ttl_s: int = 72 * 3600
     mssql_url: str = ""
     root_admin_email: str = "admin@tenant-pipelines.invalid"
+    # Two installations sharing one tenant server must use different prefixes.
+    location_prefix: str = "tenant_"
     host: str = "127.0.0.1"
     port: int = 3000
 
@@ -116,6 +119,8 @@ class Settings:
                     raise SettingsError(f"TP_{name.upper()} is not a database URL") from None
         if self.tenant_pg_url and not self.tenant_pg_url.startswith("postgresql+psycopg://"):
             raise SettingsError("TP_TENANT_PG_URL must start with postgresql+psycopg://")
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,20}", self.location_prefix):
+            raise SettingsError("TP_LOCATION_PREFIX must match [a-z][a-z0-9_]{0,20}")
         if not (self.migrations_dir / "control").is_dir():
             raise SettingsError(f"TP_MIGRATIONS_DIR has no control/ folder: {self.migrations_dir}")
 

@@ -64,6 +64,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "TP_TENANT_PG_URL": PG_ADMIN,
         "TP_REDIS_URL": REDIS_URL,
         "TP_LOCK_TIMEOUT_S": "10",
+        "TP_LOCATION_PREFIX": f"t{uuid.uuid4().hex[:8]}_",
     }
     env.update({"TP_" + k.upper(): str(v) for k, v in overrides.items()})
     return Settings.from_env(env).ensure_secret_key()
@@ -145,9 +146,7 @@ def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
         yield inst
 
 
-def provision(
-    settings: Settings, instance: DagsterInstance, tenant_id: str, **tags: str
-) -> Any:
+def provision(settings: Settings, instance: DagsterInstance, tenant_id: str, **tags: str) -> Any:
     """Run the provisioning job for one tenant in this process; returns the result."""
     from tenant_pipelines.assets import CORRELATION_TAG
     from tenant_pipelines.definitions import defs
@@ -163,8 +162,12 @@ def provision(
     )
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.1,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> Any:
     """Poll ``predicate`` until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -191,7 +194,10 @@ class Served:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tenant_pipelines.cli", "serve", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         import httpx
@@ -226,6 +232,8 @@ def serve_env(data_dir: Path, **overrides: str) -> dict[str, str]:
             "TP_TENANT_PG_URL": PG_ADMIN,
             "TP_REDIS_URL": REDIS_URL,
             "TP_LOCK_TIMEOUT_S": "10",
+            # Unique per service: its root tenant must not meet another test session's.
+            "TP_LOCATION_PREFIX": f"t{uuid.uuid4().hex[:8]}_",
         }
     )
     env.update({"TP_" + k.upper(): v for k, v in overrides.items()})

@@ -29,7 +29,8 @@ def assert_provisioned(settings: Settings, tenant_id: str) -> None:
     with eng.connect() as conn:
         counts = identity.counts(conn)
         admins = conn.execute(
-            sa.select(sa.func.count()).select_from(identity.users)
+            sa.select(sa.func.count())
+            .select_from(identity.users)
             .where(identity.users.c.email == tenant.admin_email)
         ).scalar_one()
     assert admins == 1

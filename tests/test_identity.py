@@ -3,8 +3,8 @@
 import datetime as dt
 
 import sqlalchemy as sa
-
 from conftest import Tenants
+
 from tenant_pipelines import identity, migrate
 from tenant_pipelines.providers import provider_for, tenant_engine
 from tenant_pipelines.registry import Tenant
@@ -47,14 +47,26 @@ def test_seed_interrupted_half_way_then_rerun_has_no_duplicates(
     counts = identity.seed(eng, tenant, "c2")
     assert counts["users"] == 1 + len(identity.DEMO_USERS)
     with eng.connect() as conn:
-        admin = conn.execute(
-            sa.select(identity.users).where(identity.users.c.email == tenant.admin_email)
-        ).mappings().one()
-        roles = conn.execute(
-            sa.select(identity.roles.c.name)
-            .select_from(identity.user_roles.join(identity.roles, identity.roles.c.id == identity.user_roles.c.role_id))
-            .where(identity.user_roles.c.user_id == admin["id"])
-        ).scalars().all()
+        admin = (
+            conn.execute(
+                sa.select(identity.users).where(identity.users.c.email == tenant.admin_email)
+            )
+            .mappings()
+            .one()
+        )
+        roles = (
+            conn.execute(
+                sa.select(identity.roles.c.name)
+                .select_from(
+                    identity.user_roles.join(
+                        identity.roles, identity.roles.c.id == identity.user_roles.c.role_id
+                    )
+                )
+                .where(identity.user_roles.c.user_id == admin["id"])
+            )
+            .scalars()
+            .all()
+        )
     assert admin["display_name"] == "Tenant administrator"  # upserted, not duplicated
     assert sorted(roles) == ["admin", "member"]
 
@@ -63,7 +75,13 @@ def test_seed_writes_tenant_metadata(settings: Settings, tenants: Tenants) -> No
     tenant, eng = migrated(settings, tenants)
     identity.seed(eng, tenant, "c3")
     with eng.connect() as conn:
-        values = dict(conn.execute(sa.select(identity.tenant_settings.c.key, identity.tenant_settings.c.value)).tuples().all())
+        values = dict(
+            conn.execute(
+                sa.select(identity.tenant_settings.c.key, identity.tenant_settings.c.value)
+            )
+            .tuples()
+            .all()
+        )
     assert values["identifier"] == tenant.id
     assert values["name"] == tenant.name
     assert values["modules"] == list(tenant.modules)
@@ -100,8 +118,11 @@ def test_expired_token_is_refused(settings: Settings, tenants: Tenants) -> None:
     identity.seed(eng, tenant, None)
     token = identity.issue_reset_token(eng, tenant, 3600)
     with eng.begin() as conn:
-        conn.execute(identity.user_tokens.update().values(
-            expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+        conn.execute(
+            identity.user_tokens.update().values(
+                expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+            )
+        )
     assert identity.reset_password(eng, token, "too late") is None
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from conftest import Tenants
+
 from tenant_pipelines import migrate
 from tenant_pipelines.providers import provider_for, tenant_engine
 from tenant_pipelines.settings import DEFAULT_MIGRATIONS_DIR, MODULES, Settings
@@ -52,7 +52,14 @@ def test_every_module_reaches_head_with_its_own_version_table(
     assert all(cur == head and head is not None for cur, head in status.values())
     tables = set(sa.inspect(eng).get_table_names(schema=migrate.schema_of(tenant)))
     assert {f"alembic_version_{m}" for m in MODULES} <= tables
-    assert {"users", "roles", "permissions", "user_tokens", "tenant_settings", "audit_log"} <= tables
+    assert {
+        "users",
+        "roles",
+        "permissions",
+        "user_tokens",
+        "tenant_settings",
+        "audit_log",
+    } <= tables
     again = migrate.apply(settings.migrations_dir, eng, tenant)
     assert not any(r.changed for r in again)
 

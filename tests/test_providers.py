@@ -6,9 +6,9 @@ import dataclasses
 import psycopg
 import pytest
 import sqlalchemy as sa
+from conftest import PG_LIBPQ, Tenants
 from psycopg import sql
 
-from conftest import PG_LIBPQ, Tenants
 from tenant_pipelines import registry
 from tenant_pipelines.providers import (
     GuardError,
@@ -22,7 +22,9 @@ from tenant_pipelines.providers import (
 from tenant_pipelines.settings import Settings
 
 
-def test_database_per_tenant_is_created_once_and_marked(settings: Settings, tenants: Tenants) -> None:
+def test_database_per_tenant_is_created_once_and_marked(
+    settings: Settings, tenants: Tenants
+) -> None:
     tenant = tenants.create()
     prov = provider_for(settings, tenant)
     assert isinstance(prov, PostgresDatabase)
@@ -68,9 +70,13 @@ def test_schema_per_tenant_pins_search_path(settings: Settings, tenants: Tenants
     with tenant_engine(settings, tenant).begin() as conn:
         assert conn.exec_driver_sql("SHOW search_path").scalar() == tenant.location
         conn.exec_driver_sql("CREATE TABLE probe (id int)")
-        where = conn.exec_driver_sql(
-            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'probe'"
-        ).scalars().all()
+        where = (
+            conn.exec_driver_sql(
+                "SELECT table_schema FROM information_schema.tables WHERE table_name = 'probe'"
+            )
+            .scalars()
+            .all()
+        )
     assert where == [tenant.location]
 
 
@@ -85,7 +91,7 @@ def test_sqlite_tenant_is_a_file_in_the_data_folder(tmp_path, monkeypatch) -> No
     assert tenant.provider == "sqlite"
     prov = provider_for(s, tenant)
     assert prov.ensure() is True and prov.ensure() is False
-    assert (s.tenant_sqlite_dir / "tenant_sqlite_one.db").exists()
+    assert (s.tenant_sqlite_dir / f"{s.location_prefix}sqlite_one.db").exists()
     prov.drop()
     assert not prov.exists()
 

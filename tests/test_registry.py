@@ -6,24 +6,36 @@ import threading
 import psycopg
 import pytest
 import sqlalchemy as sa
-
 from conftest import PG_LIBPQ, Tenants, uid
+
 from tenant_pipelines import registry
 from tenant_pipelines.settings import Settings
 
 
 def _nothing_written(settings: Settings, tenant_id: str) -> None:
     with registry.engine(settings).connect() as conn:
-        assert conn.execute(
-            sa.select(registry.tenants).where(registry.tenants.c.id == tenant_id)
-        ).first() is None
-        assert conn.execute(
-            sa.select(registry.audit_events).where(registry.audit_events.c.tenant_id == tenant_id)
-        ).first() is None
+        assert (
+            conn.execute(
+                sa.select(registry.tenants).where(registry.tenants.c.id == tenant_id)
+            ).first()
+            is None
+        )
+        assert (
+            conn.execute(
+                sa.select(registry.audit_events).where(
+                    registry.audit_events.c.tenant_id == tenant_id
+                )
+            ).first()
+            is None
+        )
     with psycopg.connect(PG_LIBPQ) as conn:
-        assert conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (f"tenant_{tenant_id}",)
-        ).fetchone() is None
+        assert (
+            conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s",
+                (f"{settings.location_prefix}{tenant_id}",),
+            ).fetchone()
+            is None
+        )
 
 
 BAD_REQUESTS = [
@@ -122,7 +134,7 @@ def test_created_tenant_is_requested_with_normalized_email(
     assert tenant.status == "requested"
     assert tenant.admin_email == "admin@example.com"
     assert tenant.provider == "postgresql"
-    assert tenant.location == f"tenant_{tenant.id}"
+    assert tenant.location == f"{settings.location_prefix}{tenant.id}"
     assert tenant.modules == ("identity", "tenant_settings", "auditing")
 
 

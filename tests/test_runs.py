@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import Served, uid, wait_for
 from dagster import DagsterInstance
 
-from conftest import Served, uid, wait_for
 from tenant_pipelines import registry, runs
-from tenant_pipelines.providers import tenant_engine
 from tenant_pipelines.identity import counts
+from tenant_pipelines.providers import tenant_engine
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,9 @@ def ctx(served: Served) -> Iterator[Any]:
 def request(**kw: Any) -> registry.TenantRequest:
     tenant_id = kw.pop("id", uid())
     return registry.TenantRequest(
-        id=tenant_id, name="E2E", admin_email=f"admin@{tenant_id.replace('_', '-')}.example.com",
+        id=tenant_id,
+        name="E2E",
+        admin_email=f"admin@{tenant_id.replace('_', '-')}.example.com",
         **kw,
     )
 
@@ -164,8 +166,11 @@ def test_cancel_running_provisioning_then_retry_completes(
     cancelled = final(served, ctx, tenant.id, timeout=30)
     assert cancelled.status == "cancelled"
     run = ctx.instance.get_run_by_id(tenant.run_id)
-    wait_for(lambda: ctx.instance.get_run_by_id(tenant.run_id).is_finished, timeout=30,
-             what="the run to finish")
+    wait_for(
+        lambda: ctx.instance.get_run_by_id(tenant.run_id).is_finished,
+        timeout=30,
+        what="the run to finish",
+    )
     assert ctx.instance.get_run_by_id(tenant.run_id).status.value == "CANCELED", run
     slow.unlink()
     runs.retry(ctx, served.settings, tenant.id, "test")
@@ -176,8 +181,11 @@ def test_cancel_running_provisioning_then_retry_completes(
 def test_two_requests_for_one_tenant_run_one_at_a_time(served: Served, ctx: Any) -> None:
     tenant = runs.create_tenant(ctx, served.settings, request(), "test")
     second = runs.submit(ctx, tenant.id, tenant.correlation_id or "", "test")
-    wait_for(lambda: all(ctx.instance.get_run_by_id(r).is_finished for r in (tenant.run_id, second)),
-             timeout=60, what="both runs")
+    wait_for(
+        lambda: all(ctx.instance.get_run_by_id(r).is_finished for r in (tenant.run_id, second)),
+        timeout=60,
+        what="both runs",
+    )
     windows = []
     for run_id in (tenant.run_id, second):
         rec = ctx.instance.get_run_record_by_id(run_id)
@@ -199,11 +207,20 @@ def test_sensor_provisions_tenant_inserted_straight_into_catalog_once(
     with registry.engine(served.settings).begin() as conn:
         conn.execute(
             registry.tenants.insert().values(
-                id=tenant_id, name="Inserted by hand", provider="postgresql", strategy="database",
+                id=tenant_id,
+                name="Inserted by hand",
+                provider="postgresql",
+                strategy="database",
                 server=registry.server_for(served.settings, "postgresql"),
-                location=f"tenant_{tenant_id}", admin_email="ops@inserted.example.com",
-                is_active=True, demo_data=False, modules=["identity", "tenant_settings", "auditing"],
-                status="requested", credentials_state="pending", created_at=past, updated_at=past,
+                location=f"{served.settings.location_prefix}{tenant_id}",
+                admin_email="ops@inserted.example.com",
+                is_active=True,
+                demo_data=False,
+                modules=["identity", "tenant_settings", "auditing"],
+                status="requested",
+                credentials_state="pending",
+                created_at=past,
+                updated_at=past,
             )
         )
     done = final(served, ctx, tenant_id, timeout=60)
@@ -216,5 +233,6 @@ def test_sensor_provisions_tenant_inserted_straight_into_catalog_once(
     actors = {e["actor"] for e in registry.audit_trail(served.settings, tenant_id)}
     assert "sensor" in actors
     with registry.engine(served.settings).connect() as conn:
-        assert conn.execute(sa.select(registry.tenants.c.correlation_id).where(
-            registry.tenants.c.id == tenant_id)).scalar()
+        assert conn.execute(
+            sa.select(registry.tenants.c.correlation_id).where(registry.tenants.c.id == tenant_id)
+        ).scalar()
