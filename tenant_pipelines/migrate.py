@@ -3,9 +3,13 @@ version table; also the shared ``env.py`` body of every script directory under
 ``migrations/``.
 """
 
+import contextlib
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
@@ -88,44 +92,60 @@ def schema_of(tenant: Tenant) -> str | None:
     return tenant.location if tenant.strategy == "schema" and tenant.provider != "sqlite" else None
 
 
-def status(migrations_dir: Path, engine: Engine, tenant: Tenant) -> dict[str, tuple[str | None, str | None]]:
+def status(
+    migrations_dir: Path, engine: Engine, tenant: Tenant
+) -> dict[str, tuple[str | None, str | None]]:
     """``{module: (current, head)}`` for each of the tenant's modules."""
     schema = schema_of(tenant)
     with engine.connect() as conn:
-        return {
-            m: (current(conn, m, schema), head(migrations_dir, m)) for m in tenant.modules
-        }
+        return {m: (current(conn, m, schema), head(migrations_dir, m)) for m in tenant.modules}
 
 
-def apply(migrations_dir: Path, engine: Engine, tenant: Tenant) -> list[ModuleResult]:
+def apply(
+    migrations_dir: Path,
+    engine: Engine,
+    tenant: Tenant,
+    on_module: Callable[[str], AbstractContextManager[dict[str, Any]]] | None = None,
+) -> list[ModuleResult]:
     """Upgrade each of the tenant's modules to head in order; stop at the first failure.
 
-    A module already at head is skipped without loading Alembic's environment.
+    A module already at head is skipped without loading Alembic's environment. ``on_module``
+    (optional) wraps each module's work, e.g. in a trace span: it is entered before the module
+    is looked at, sees the module's exception if it fails, and the dict it yields receives the
+    module's ``before`` and ``after`` revisions.
     """
     schema = schema_of(tenant)
     results = []
     for module in tenant.modules:
-        target = head(migrations_dir, module)
-        with engine.connect() as conn:
-            before = current(conn, module, schema)
-        if before == target:
-            results.append(ModuleResult(module, before, before))
-            continue
-        cfg = Config()
-        cfg.set_main_option("script_location", str(migrations_dir / module))
-        cfg.attributes.update(
-            version_table=version_table(module), schema=schema, per_migration=True
-        )
-        with engine.connect() as conn:
-            cfg.attributes["connection"] = conn
-            try:
-                command.upgrade(cfg, "head")
-            except Exception as exc:  # noqa: BLE001 - any database error ends the step
-                conn.rollback()
-                failed = _next_revision(migrations_dir, module, current(conn, module, schema))
-                transient = isinstance(getattr(exc, "orig", exc), OperationalError | sa_exc.OperationalError)
-                raise MigrationError(module, failed, _first_line(exc), transient=transient) from None
-            after = current(conn, module, schema)
+        with on_module(module) if on_module else contextlib.nullcontext({}) as info:
+            target = head(migrations_dir, module)
+            with engine.connect() as conn:
+                before = current(conn, module, schema)
+            info["before"] = before
+            if before == target:
+                info["after"] = before
+                results.append(ModuleResult(module, before, before))
+                continue
+            cfg = Config()
+            cfg.set_main_option("script_location", str(migrations_dir / module))
+            cfg.attributes.update(
+                version_table=version_table(module), schema=schema, per_migration=True
+            )
+            with engine.connect() as conn:
+                cfg.attributes["connection"] = conn
+                try:
+                    command.upgrade(cfg, "head")
+                except Exception as exc:  # any database error ends the step
+                    conn.rollback()
+                    failed = _next_revision(migrations_dir, module, current(conn, module, schema))
+                    transient = isinstance(
+                        getattr(exc, "orig", exc), OperationalError | sa_exc.OperationalError
+                    )
+                    raise MigrationError(
+                        module, failed, _first_line(exc), transient=transient
+                    ) from None
+                after = current(conn, module, schema)
+            info["after"] = after
         results.append(ModuleResult(module, before, after))
     return results
 
