@@ -217,12 +217,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_logging()
     log = get_logger()
+    # Create the instance's storage before the daemon starts: two processes initialising a
+    # fresh SQLite DAGSTER_HOME at once can corrupt its schema.
+    instance = DagsterInstance.get()
     daemon_bin = Path(sys.executable).with_name("dagster-daemon")
     daemon = subprocess.Popen(
         [str(daemon_bin), "run", "-w", str(REPO_DIR / "workspace.yaml")], cwd=REPO_DIR
     )
     try:
-        instance = DagsterInstance.get()
         app = api.create_app(settings, instance)
         if not _root_exists(settings):
             with runs.workspace(instance) as ctx:
