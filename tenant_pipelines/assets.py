@@ -73,6 +73,7 @@ class Platform(ConfigurableResource):  # type: ignore[type-arg]
     migrations_dir: str
     tenant_pg_url: str = ""
     tenant_pg_shared_db: str = "tenant_shared"
+    mssql_url: str = ""
     redis_url: str = ""
     smtp_host: str = ""
     smtp_port: str = "25"

@@ -11,6 +11,7 @@ platform = Platform(
     migrations_dir=EnvVar("TP_MIGRATIONS_DIR"),
     tenant_pg_url=EnvVar("TP_TENANT_PG_URL"),
     tenant_pg_shared_db=EnvVar("TP_TENANT_PG_SHARED_DB"),
+    mssql_url=EnvVar("TP_MSSQL_URL"),
     redis_url=EnvVar("TP_REDIS_URL"),
     smtp_host=EnvVar("TP_SMTP_HOST"),
     smtp_port=EnvVar("TP_SMTP_PORT"),
