@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from .settings import MODULES, PACKAGE_DIR, PROVIDERS, STRATEGIES, Settings, SettingsError
@@ -220,9 +219,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Create the instance's storage before the daemon starts: two processes initialising a
     # fresh SQLite DAGSTER_HOME at once can corrupt its schema.
     instance = DagsterInstance.get()
-    daemon_bin = Path(sys.executable).with_name("dagster-daemon")
+    # dagster-daemon, with the run launcher's forkserver started first (tenant_pipelines.launcher).
     daemon = subprocess.Popen(
-        [str(daemon_bin), "run", "-w", str(REPO_DIR / "workspace.yaml")], cwd=REPO_DIR
+        [
+            sys.executable,
+            "-m",
+            "tenant_pipelines.launcher",
+            "run",
+            "-w",
+            str(REPO_DIR / "workspace.yaml"),
+        ],
+        cwd=REPO_DIR,
     )
     try:
         app = api.create_app(settings, instance)
