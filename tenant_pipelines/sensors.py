@@ -6,10 +6,15 @@ runs directly, and steps move the tenant's status themselves.
 """
 
 import datetime as dt
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import sqlalchemy as sa
 from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunFailureSensorContext,
@@ -30,6 +35,65 @@ from .telemetry import scrub
 
 # A tenant the API just created gets its run within milliseconds; only older ones are orphans.
 ORPHAN_AFTER = dt.timedelta(seconds=10)
+# A run worker that reported its pid this long ago and is gone did not just start up.
+WORKER_GRACE_S = 5.0
+
+
+def _worker_pid(instance: DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """The pid the run worker reported ("Started process for run") and when, if it did."""
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT).records
+    for rec in reversed(records):
+        event = rec.event_log_entry.dagster_event
+        data = getattr(event, "event_specific_data", None) if event else None
+        pid = getattr(data, "metadata", {}).get("pid") if data is not None else None
+        if pid is not None and str(getattr(pid, "value", pid)).isdigit():
+            return int(getattr(pid, "value", pid)), rec.event_log_entry.timestamp
+    return None
+
+
+def _process_alive(pid: int, run_id: str) -> bool:
+    """Is ``pid`` a live process of this host still running ``run_id`` (not a reused pid)?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie (state Z) is dead for our purpose: nothing will ever report its run.
+    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
+    return state != "Z" and run_id.encode() in cmdline
+
+
+def dead_local_run(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """True when ``run`` is STARTED/CANCELING but its local run worker process is gone.
+
+    Only meaningful for launchers that run the worker on this host (the default launcher):
+    there Dagster's run monitoring cannot check worker health, and a worker that died with
+    its code server (daemon killed) leaves the run STARTED until ``max_runtime_seconds``.
+    """
+    from dagster._core.launcher import DefaultRunLauncher
+
+    if not isinstance(instance.run_launcher, DefaultRunLauncher) or os.name != "posix":
+        return False
+    if run.status not in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
+        return False
+    found = _worker_pid(instance, run.run_id)
+    if found is None:
+        return False  # not started yet: run monitoring's start timeout covers it
+    pid, reported_at = found
+    if dt.datetime.now(dt.UTC).timestamp() - reported_at < WORKER_GRACE_S:
+        return False
+    return not _process_alive(pid, run.run_id)
+
+
+def _close_dead_run(instance: DagsterInstance, run: DagsterRun) -> None:
+    """Record the end of a run whose worker died, as run monitoring would have."""
+    message = "run worker process is gone (killed with the daemon or host); marked by reconciler"
+    if run.status == DagsterRunStatus.CANCELING:
+        instance.report_run_canceled(run, message=message)
+    else:
+        # A FAILURE event: run retries resume it from the failed step, the failure
+        # sensor marks the tenant failed.
+        instance.report_run_failed(run, message=message)
 
 
 @sensor(
@@ -55,6 +119,17 @@ def reconcile_tenants(
                 t.c.status == "provisioning", t.c.updated_at < cutoff
             )
         ).all()
+        in_flight = conn.execute(
+            sa.select(t.c.id, t.c.run_id).where(
+                t.c.status.in_(("requested", "provisioning")), t.c.run_id.is_not(None)
+            )
+        ).all()
+    for _tenant_id, run_id in in_flight:
+        # The run a tenant waits on may be STARTED in storage with its worker long dead.
+        inflight_run = context.instance.get_run_by_id(run_id)
+        if inflight_run is not None and dead_local_run(context.instance, inflight_run):
+            context.log.warning(f"run {run_id} of {_tenant_id}: worker gone, closing the run")
+            _close_dead_run(context.instance, inflight_run)
     requests = []
     for tenant_id, correlation, run_id in rows:
         if run_id and context.instance.get_run_by_id(run_id) is not None:
