@@ -135,20 +135,6 @@ def mail_served(tmp_path_factory: pytest.TempPathFactory, mail: Mail) -> Iterato
             **smtp_settings(mail),
         )
         srv = Served(data_dir, env, port)
-        # The platform's own tenant gets a location of its own, so this service does not
-        # share the tenant_root database with the session's other service.
-        registry.upgrade(srv.settings)
-        registry.create_tenant(
-            srv.settings,
-            registry.TenantRequest(
-                id=registry.ROOT_TENANT,
-                name="Platform",
-                admin_email="root@tenant-pipelines.example.com",
-                location=uid("root"),
-            ),
-            "test",
-            allow_reserved=True,
-        )
         srv.start()
         try:
             yield srv
