@@ -190,8 +190,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     (migrations / "auditing" / "versions" / "9000_flagged.py").write_text(FAILING_REVISION)
     data_dir = root / "data"
     with pg_database(f"tp_ctl_{uuid.uuid4().hex[:10]}") as url:
-        # SQLite tenants (root included) live in this service's own folder: the counts in
-        # its health report are this test module's alone.
+        # SQLite tenants (root included) in this service's own folder, its own control plane:
+        # the counts in its health report are this test module's alone.
         env = serve_env(data_dir, control_url=url, tenant_pg_url="", migrations_dir=str(migrations))
         served = Served(data_dir, env, free_port()).start()
         try:
@@ -202,7 +202,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             for tenant in registry.list_tenants(served.settings, limit=10_000)[0]:
                 with contextlib.suppress(Exception):
                     provider_for(served.settings, tenant).drop()
-                with contextlib.suppress(Exception):
+                if tenant.id != registry.ROOT_TENANT:  # other services share root's keys
                     cache.evict(REDIS_URL, tenant.id)
             registry.engine(served.settings).dispose()
 

@@ -559,21 +559,6 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                 trace_file=str(trace_file),
             )
             env["OTEL_SERVICE_NAME"] = "tenant-pipelines-test"
-            settings = Settings.from_env(env).ensure_secret_key()
-            registry.upgrade(settings)
-            # The platform's root tenant goes to a SQLite file of this service's own, so it
-            # never shares 'tenant_root' on the PostgreSQL server with other test services.
-            registry.create_tenant(
-                settings,
-                registry.TenantRequest(
-                    id=registry.ROOT_TENANT,
-                    name="Platform",
-                    admin_email="root@example.com",
-                    provider="sqlite",
-                ),
-                "test",
-                allow_reserved=True,
-            )
             served = Served(data_dir, env, free_port()).start()
             token = auth.create_api_token(served.settings, uid("obs"), "test")
             try:
