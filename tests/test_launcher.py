@@ -1,0 +1,83 @@
+"""The forkserver run launcher (tenant_pipelines.launcher) under the real service: a run
+succeeds in a forked worker, termination ends it CANCELED, a killed worker ends it FAILURE."""
+
+import os
+import signal
+from typing import Any
+
+import pytest
+from conftest import Served, wait_for
+import test_runs
+from test_runs import SLOW_REVISION, final, request
+
+from tenant_pipelines import registry, runs
+from tenant_pipelines.launcher import (
+    PID_TAG,
+    PSTART_TAG,
+    ForkserverRunLauncher,
+    proc_start_time,
+)
+
+pytestmark = pytest.mark.slow
+
+# The service-level fixtures of test_runs: a workspace context and a migration-file injector.
+ctx = test_runs.ctx
+revision = test_runs.revision
+
+
+def _in_migrations(ctx: Any, run_id: str) -> bool:
+    stats = ctx.instance.get_run_step_stats(run_id)
+    return any(s.step_key == "tenant_migrations" and s.end_time is None for s in stats)
+
+
+def test_shipped_instance_uses_the_forkserver_launcher(ctx: Any) -> None:
+    assert isinstance(ctx.instance.run_launcher, ForkserverRunLauncher)
+
+
+def test_run_succeeds_in_a_forked_worker(served: Served, ctx: Any) -> None:
+    tenant = runs.create_tenant(ctx, served.settings, request(), "test")
+    done = final(served, ctx, tenant.id)
+    assert done.status == "active", done.status_reason
+    run = ctx.instance.get_run_by_id(tenant.run_id)
+    assert run.status.value == "SUCCESS"
+    pid = int(run.tags[PID_TAG])
+    assert run.tags[PSTART_TAG]
+    # The worker exits with its run (the forkserver reaps it).
+    wait_for(lambda: proc_start_time(pid) != run.tags[PSTART_TAG], what="worker exit")
+
+
+def test_terminate_ends_the_run_canceled(served: Served, ctx: Any, revision: Any) -> None:
+    slow = revision("auditing", "9998_slow.py", SLOW_REVISION)
+    tenant = runs.create_tenant(ctx, served.settings, request(), "test")
+    wait_for(lambda: _in_migrations(ctx, tenant.run_id), timeout=30, what="migration step")
+    runs.terminate(ctx, tenant.run_id)
+    wait_for(
+        lambda: ctx.instance.get_run_by_id(tenant.run_id).is_finished,
+        timeout=30,
+        what="the run to finish",
+    )
+    assert ctx.instance.get_run_by_id(tenant.run_id).status.value == "CANCELED"
+    slow.unlink()
+
+
+def test_killed_worker_ends_the_run_failure(served: Served, ctx: Any, revision: Any) -> None:
+    slow = revision("auditing", "9998_slow.py", SLOW_REVISION)
+    tenant = runs.create_tenant(ctx, served.settings, request(), "test")
+    wait_for(lambda: _in_migrations(ctx, tenant.run_id), timeout=30, what="migration step")
+    run = ctx.instance.get_run_by_id(tenant.run_id)
+    os.kill(int(run.tags[PID_TAG]), signal.SIGKILL)
+    wait_for(
+        lambda: ctx.instance.get_run_by_id(tenant.run_id).is_finished,
+        timeout=30,
+        what="the run to finish",
+    )
+    assert ctx.instance.get_run_by_id(tenant.run_id).status.value == "FAILURE"
+    slow.unlink()
+    # run_retries resumes it from the failed step; the tenant still ends active.
+    done = final(served, ctx, tenant.id, timeout=90)
+    wait_for(
+        lambda: registry.get_tenant(served.settings, tenant.id).status == "active",
+        timeout=90,
+        what="the retried run to finish the tenant",
+    )
+    assert done.status in registry.FINAL_STATUSES
