@@ -6,8 +6,8 @@ import signal
 from typing import Any
 
 import pytest
-from conftest import Served, wait_for
 import test_runs
+from conftest import Served, wait_for
 from test_runs import SLOW_REVISION, final, request
 
 from tenant_pipelines import registry, runs
