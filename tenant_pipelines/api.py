@@ -207,6 +207,7 @@ class Service:
     # --- platform admins ---------------------------------------------------------------------
 
     async def create(self, request: Request) -> Any:
+        """POST /api/tenants: CreateTenant, answered 202 once the run is queued."""
         req = tenant_request(await json_body(request))
         tenant = await run_in_threadpool(
             runs.create_tenant, self.ctx, self.settings, req, self.actor(request)
@@ -218,6 +219,7 @@ class Service:
         }
 
     async def index(self, request: Request) -> Any:
+        """GET /api/tenants: a page of tenants, optionally of one status."""
         q = request.query_params
         try:
             limit, offset = int(q.get("limit", "50")), int(q.get("offset", "0"))
@@ -241,12 +243,14 @@ class Service:
         }
 
     async def get(self, request: Request) -> Any:
+        """GET /api/tenants/{id}."""
         tenant = await run_in_threadpool(
             registry.get_tenant, self.settings, _tenant_id(request, "id")
         )
         return {"tenant": tenant.to_json()}
 
     async def provisioning(self, request: Request) -> Any:
+        """GET /api/tenants/{id}/provisioning: runs and steps from Dagster's run storage."""
         tenant_id = _tenant_id(request, "id")
         tenant = await run_in_threadpool(registry.get_tenant, self.settings, tenant_id)
         history = await run_in_threadpool(runs.history, self.instance, tenant_id)
@@ -258,6 +262,7 @@ class Service:
         }
 
     async def audit(self, request: Request) -> Any:
+        """GET /api/tenants/{id}/audit: the control plane's audit trail of the tenant."""
         tenant_id = _tenant_id(request, "id")
         await run_in_threadpool(registry.get_tenant, self.settings, tenant_id)
         events = await run_in_threadpool(registry.audit_trail, self.settings, tenant_id)
@@ -288,6 +293,7 @@ class Service:
         return handle
 
     async def credentials(self, request: Request) -> Any:
+        """POST /api/tenants/{id}/credentials: the out-of-band reset token, exactly once."""
         tenant_id = _tenant_id(request, "id")
         await json_body(request, allowed=frozenset())
         token = await run_in_threadpool(
@@ -306,17 +312,20 @@ class Service:
         return JSONResponse(body, headers=NO_STORE)
 
     async def whoami(self, request: Request) -> Any:
+        """GET /api/me: the platform admin or API token calling."""
         principal = request.scope.get("tp.principal")
         if not isinstance(principal, auth.Principal):
             raise auth.unauthenticated()
         return principal.to_json()
 
     async def openapi_json(self, request: Request) -> Any:
+        """GET /api/openapi.json."""
         return self.openapi
 
     # --- tenant users ------------------------------------------------------------------------
 
     async def tenant_reset_password(self, request: Request) -> Any:
+        """POST /api/t/{tenant}/auth/reset-password: use the one-time token."""
         tenant_id = _tenant_id(request, "tenant")
         body = await json_body(request, allowed=frozenset({"token", "new_password"}))
         token, password = _string_fields(body, "token", "new_password")
@@ -332,6 +341,7 @@ class Service:
         return JSONResponse({"status": "password_set", "email": email}, headers=NO_STORE)
 
     async def tenant_login(self, request: Request) -> Any:
+        """POST /api/t/{tenant}/auth/login: a tenant session (Bearer token and cookie)."""
         tenant_id = _tenant_id(request, "tenant")
         body = await json_body(request, allowed=frozenset({"email", "password"}))
         email, password = _string_fields(body, "email", "password")
@@ -371,6 +381,7 @@ class Service:
         return response
 
     async def tenant_logout(self, request: Request) -> Any:
+        """POST /api/t/{tenant}/auth/logout: end the caller's tenant session."""
         tenant_id = _tenant_id(request, "tenant")
         await run_in_threadpool(auth.tenant_principal, self.settings, request, tenant_id)
         raw = auth.tenant_session_of(self.settings, request)
@@ -383,6 +394,7 @@ class Service:
         return response
 
     async def tenant_me(self, request: Request) -> Any:
+        """GET /api/t/{tenant}/me: the tenant user, roles and permissions."""
         tenant_id = _tenant_id(request, "tenant")
         principal = await run_in_threadpool(
             auth.tenant_principal, self.settings, request, tenant_id

@@ -178,6 +178,7 @@ def error_response(
 
 
 def unauthenticated(message: str = "authentication required") -> ApiError:
+    """The 401 for missing or unusable credentials."""
     return ApiError(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -546,6 +547,7 @@ class Principal:
 
     @property
     def is_platform(self) -> bool:
+        """Platform admins and API tokens; never tenant users."""
         return self.kind in ("admin", "token")
 
     @property
@@ -556,6 +558,7 @@ class Principal:
         return f"{self.kind}:{self.name}"
 
     def to_json(self) -> dict[str, Any]:
+        """What ``GET /api/me`` answers."""
         return {
             "kind": self.kind,
             "name": self.name,
