@@ -80,7 +80,8 @@ def workspace_target() -> ModuleTarget:
 
 def workspace(instance: DagsterInstance) -> WorkspaceProcessContext:
     """A workspace context for launching runs from this process (CLI, tests)."""
-    return WorkspaceProcessContext(instance, workspace_target())
+    # The code server's INFO lines would interleave with the CLI's own output.
+    return WorkspaceProcessContext(instance, workspace_target(), code_server_log_level="WARNING")
 
 
 def graphql(ctx: WorkspaceProcessContext, query: str, variables: Mapping[str, Any]) -> Any:
