@@ -22,6 +22,7 @@ run: install
 
 services:
 	scripts/services
+	scripts/browser
 
 check: install-test
 	$(BIN)/ruff check tenant_pipelines tests bench
