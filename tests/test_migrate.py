@@ -5,31 +5,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import Tenants
+from conftest import REPO, Tenants
 
 from tenant_pipelines import migrate
 from tenant_pipelines.providers import provider_for, tenant_engine
 from tenant_pipelines.settings import DEFAULT_MIGRATIONS_DIR, MODULES, Settings
 
-BROKEN = '''"""Broken on purpose.
-
-Revision ID: identity_9999
-"""
-from alembic import op
-
-revision = "identity_9999"
-down_revision = "identity_0001"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.execute("ALTER TABLE no_such_table ADD COLUMN x int")
-
-
-def downgrade() -> None:
-    pass
-'''
+BROKEN = (REPO / "docs" / "examples" / "broken_revision.py").read_text()
 
 
 def copy_migrations(tmp_path: Path) -> Path:

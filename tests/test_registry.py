@@ -159,27 +159,13 @@ def test_transition_has_one_winner_among_concurrent_callers(
     assert wins.count(True) == 1
 
 
-def test_tenant_lock_excludes_a_second_holder_and_is_released(pg_settings: Settings) -> None:
-    tenant_id = uid()
-    with registry.tenant_lock(pg_settings, tenant_id, 1):
-        got = []
-
-        def other() -> None:
-            try:
-                with registry.tenant_lock(pg_settings, tenant_id, 0.3):
-                    got.append("acquired")
-            except registry.LockTimeout:
-                got.append("timeout")
-
-        t = threading.Thread(target=other)
-        t.start()
-        t.join()
-        assert got == ["timeout"]
-    with registry.tenant_lock(pg_settings, tenant_id, 1):
-        pass
-
-
-def test_sqlite_tenant_lock_times_out_while_held(settings: Settings) -> None:
+@pytest.mark.parametrize("control", ["postgresql", "sqlite"])
+def test_tenant_lock_excludes_a_second_holder_and_is_released(
+    request: pytest.FixtureRequest, control: str
+) -> None:
+    settings: Settings = request.getfixturevalue(
+        "pg_settings" if control == "postgresql" else "settings"
+    )
     tenant_id = uid()
     with registry.tenant_lock(settings, tenant_id, 1):
         got = []
@@ -195,3 +181,5 @@ def test_sqlite_tenant_lock_times_out_while_held(settings: Settings) -> None:
         t.start()
         t.join()
         assert got == ["timeout"]
+    with registry.tenant_lock(settings, tenant_id, 1):
+        pass

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Served, uid, wait_for
+from conftest import REPO, Served, uid, wait_for
 from dagster import DagsterInstance
 
 from tenant_pipelines import registry, runs
@@ -37,25 +37,7 @@ def downgrade() -> None:
     pass
 '''
 
-BROKEN_REVISION = '''"""Broken on purpose (test).
-
-Revision ID: identity_9999
-"""
-from alembic import op
-
-revision = "identity_9999"
-down_revision = "identity_0001"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.execute("ALTER TABLE no_such_table ADD COLUMN x int")
-
-
-def downgrade() -> None:
-    pass
-'''
+BROKEN_REVISION = (REPO / "docs" / "examples" / "broken_revision.py").read_text()
 
 
 @pytest.fixture(scope="module")
