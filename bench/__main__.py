@@ -544,7 +544,13 @@ def timed(what: str, fn: Callable[[], Any]) -> Any:
     t0 = time.monotonic()
     out = fn()
     log(f"{what}: done in {time.monotonic() - t0:.1f}s")
+    if _partial is not None:  # a long run that is stopped early still leaves its numbers
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "partial.json").write_text(json.dumps(_partial, indent=2, default=str))
     return out
+
+
+_partial: dict[str, Any] | None = None
 
 
 def run_suite(a: argparse.Namespace) -> dict[str, Any]:
@@ -573,6 +579,8 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         },
         "args": vars(a),
     }
+    global _partial
+    _partial = res
     if a.compare > 0:
         with service("default", a.keep) as svc:
             lat = timed(
