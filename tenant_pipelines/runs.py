@@ -348,8 +348,9 @@ def activate(
     tenant = registry.get_tenant(settings, tenant_id)
     if tenant.is_expired():
         raise registry.ConflictError(f"tenant '{tenant_id}' is past valid_until")
-    if unfinished_run(ctx.instance, tenant_id):
-        raise registry.ConflictError(f"tenant '{tenant_id}' is already being provisioned")
+    # No check for an unfinished run here: a tenant turns active in its run's last step,
+    # a moment before the run ends, and the queue's per-tenant limit already runs the new
+    # run after it. The conditional status change below is what refuses a tenant in flight.
     correlation = registry.new_correlation_id()
     if not registry.transition(
         settings,
