@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import Served, free_port, pg_database, serve_env, uid, wait_for
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from tenant_pipelines import auth, identity, registry, runs
 from tenant_pipelines.providers import dispose_tenant_engine, provider_for, tenant_engine
@@ -263,12 +263,14 @@ class Rig:
         self.client = httpx.Client(base_url=self.served.url, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    """A real service whose tenant server, Redis and SMTP server are private to this module."""
-    data_dir = tmp_path_factory.mktemp("fault_served")
+@contextlib.contextmanager
+def build_rig(data_dir: Path, dagster_yaml: str | None = None) -> Iterator[Rig]:
+    """A real service whose tenant server, Redis and SMTP server are private to it."""
     migrations = data_dir / "migrations"
     shutil.copytree(DEFAULT_MIGRATIONS_DIR, migrations)
+    if dagster_yaml is not None:
+        (data_dir / "dagster").mkdir(parents=True)
+        (data_dir / "dagster" / "dagster.yaml").write_text(dagster_yaml)
     pg = PrivatePostgres()
     red = PrivateRedis()
     smtp = PrivateSmtp()
@@ -308,6 +310,31 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         red.destroy()
         pg.destroy()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """The service under fault, with the repository's dagster.yaml (forkserver launcher)."""
+    with build_rig(tmp_path_factory.mktemp("fault_served")) as built:
+        yield built
+
+
+def default_launcher_yaml() -> str:
+    """The repository's dagster.yaml without its run_launcher block: Dagster's default."""
+    from tenant_pipelines.cli import REPO_DIR
+
+    lines = (REPO_DIR / "dagster.yaml").read_text().splitlines()
+    out: list[str] = []
+    skipping = False
+    for line in lines:
+        if line.startswith("run_launcher:"):
+            skipping = True
+            continue
+        if skipping and (line.startswith(" ") or not line.strip()):
+            continue
+        skipping = False
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _kill_leftover_workers(data_dir: Path) -> None:
@@ -533,6 +560,41 @@ def test_service_and_daemon_killed_with_runs_queued_and_running_every_tenant_end
             assert_runs_never_overlapped(instance, tenant_id)
     print(f"before kill: {before}; final: {finals}; all settled {settled_after:.0f}s after kill")
     drop(rig, *everyone)
+
+
+def test_with_the_default_launcher_the_reconciler_fails_runs_whose_worker_died_with_the_daemon(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """DefaultRunLauncher cannot report worker health, so run monitoring leaves a run whose
+    worker died with the daemon STARTED until max_runtime_seconds (15 min); the reconciler
+    sensor notices the dead pid and fails the run, and the tenant can be retried."""
+    with build_rig(tmp_path_factory.mktemp("fault_default"), default_launcher_yaml()) as drig:
+        with drig.instance() as instance:
+            assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+        path = drig.served.migrations_dir / "auditing" / "versions" / "9997_slow.py"
+        path.write_text(SLOW_REVISION.replace(f"pg_sleep({SLOW_SECONDS})", "pg_sleep(20)"))
+        tenant_id = drig.create()
+        location = drig.tenant(tenant_id).location
+        wait_for(lambda: drig.pg.sleeping_backends(location), timeout=60, what="migration")
+        run_id = drig.tenant(tenant_id).run_id
+        os.killpg(drig.served.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        drig.served.proc.wait()  # type: ignore[union-attr]
+        _kill_leftover_workers(drig.served.data_dir)
+        killed_at = time.monotonic()
+        drig.restart_service()
+        wait_settled(drig, tenant_id, timeout=120)
+        took = time.monotonic() - killed_at
+        with drig.instance() as instance:
+            run = instance.get_run_by_id(run_id or "")
+            assert run is not None and run.status == DagsterRunStatus.FAILURE
+            failure = instance.get_records_for_run(
+                run.run_id, of_type=DagsterEventType.RUN_FAILURE
+            ).records
+        assert any("reconciler" in (r.event_log_entry.message or "") for r in failure)
+        path.unlink()
+        retry_until_active(drig, tenant_id)
+        assert_tenant_intact(drig, tenant_id)
+        print(f"default launcher: dead run failed by the reconciler {took:.0f}s after the kill")
 
 
 def proc_alive(served: Served) -> bool:
