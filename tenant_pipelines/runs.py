@@ -9,6 +9,7 @@ which are indexed; the event log is read only for the error of a failed step.
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from .telemetry import scrub
 LOCATION = "tenant_pipelines"
 REPOSITORY = "__repository__"
 PARTITION_TAG = "dagster/partition"
+STARTING_GRACE_S = 5.0
 UNFINISHED = [
     DagsterRunStatus.QUEUED,
     DagsterRunStatus.NOT_STARTED,
@@ -393,6 +395,17 @@ def cancel(
     run_id = unfinished_run(ctx.instance, tenant_id)
     if run_id is None:
         raise registry.ConflictError(f"tenant '{tenant_id}' has no provisioning in progress")
+    # Dagster refuses to terminate a run that is STARTING; it is STARTED a moment later.
+    deadline = time.monotonic() + STARTING_GRACE_S
+    while (run := ctx.instance.get_run_by_id(run_id)) is not None and run.status in (
+        DagsterRunStatus.NOT_STARTED,
+        DagsterRunStatus.STARTING,
+    ):
+        if time.monotonic() > deadline:
+            raise registry.ConflictError(
+                f"the run of '{tenant_id}' is still starting; cancel again in a moment"
+            )
+        time.sleep(0.1)
     terminate(ctx, run_id)
     run = ctx.instance.get_run_by_id(run_id)
     if run is not None and run.status == DagsterRunStatus.CANCELED:
