@@ -259,8 +259,26 @@ class Rig:
 
     def restart_service(self) -> None:
         self.client.close()
-        self.served.start()
+        start_patiently(self.served)
         self.client = httpx.Client(base_url=self.served.url, timeout=60)
+
+
+def start_patiently(served: Served, extra_s: float = 150) -> Served:
+    """``Served.start``, with more time when the shared 2-core machine is saturated."""
+    try:
+        return served.start()
+    except AssertionError:
+        if served.proc is None or served.proc.poll() is not None:
+            raise
+
+    def up() -> bool:
+        try:
+            return httpx.get(served.url + "/health/live", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=extra_s, interval=0.5, what="a slow tenantctl serve")
+    return served
 
 
 @contextlib.contextmanager
@@ -291,7 +309,7 @@ def build_rig(data_dir: Path, dagster_yaml: str | None = None) -> Iterator[Rig]:
                 smtp_port=str(smtp.port),
                 public_url=f"http://127.0.0.1:{port}",
             )
-            served = Served(data_dir, env, port).start()
+            served = start_patiently(Served(data_dir, env, port))
             token = auth.create_api_token(served.settings, uid("fault"), "test")
             client = httpx.Client(base_url=served.url, timeout=60)
             rig = Rig(served, pg, red, smtp, client, {"Authorization": f"Bearer {token}"})
