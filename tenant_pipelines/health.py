@@ -14,8 +14,10 @@ documented in docs/observability.md.
 
 import asyncio
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from .api import Service
 
 CHECK_TIMEOUT_S = 3.0
+# A report is reused this long: readiness probes are frequent and answers change slowly.
+REPORT_TTL_S = 1.0
 # The daemon writes a heartbeat every 30 s; two missed beats mean it is gone.
 DAEMON_STALE_AFTER_S = 90.0
 LIST_LIMIT = 100
@@ -223,13 +227,17 @@ def _iso(value: dt.datetime | None) -> str | None:
 # --- the report ------------------------------------------------------------------------------
 
 
-async def _run(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    # A hung dependency must not hang the probe: answer "down" after CHECK_TIMEOUT_S (the
-    # worker thread is left to finish on its own).
-    try:
-        return await asyncio.wait_for(run_in_threadpool(fn), CHECK_TIMEOUT_S)
-    except TimeoutError:
-        return {"status": "down", "error": f"no answer within {CHECK_TIMEOUT_S:.0f}s"}
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+    # Health has threads of its own: on Starlette's shared pool, probes queued behind busy
+    # API requests and timed out, and a loaded but healthy instance answered 503.
+    with _pools_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"tp-health-{name}")
+        return _pools[name]
 
 
 def overall(components: Mapping[str, Mapping[str, Any]], tenants: Mapping[str, Any] | None) -> str:
@@ -241,25 +249,35 @@ def overall(components: Mapping[str, Mapping[str, Any]], tenants: Mapping[str, A
     return "ok"
 
 
-async def report(service: "Service", *, full: bool) -> tuple[int, dict[str, Any]]:
-    """The health report and its HTTP status (503 when a component is down)."""
-    settings, instance = service.settings, service.instance
-    control, storage, daemon, redis_status, tenants = await asyncio.gather(
-        _run(lambda: check_control_plane(settings)),
-        _run(lambda: check_dagster_storage(instance)),
-        _run(lambda: check_daemon(instance)),
-        _run(lambda: check_redis(settings)),
-        _run(lambda: _timed(lambda: tenant_summary(settings, with_lists=full))),
-    )
-    components = {
-        "control_plane": control,
-        "dagster_storage": storage,
-        "daemon": daemon,
-        "redis": redis_status,
+def build_report(
+    settings: Settings, instance: "DagsterInstance", *, full: bool
+) -> tuple[int, dict[str, Any]]:
+    """The health report and its HTTP status (503 when a component is down), computed now.
+
+    The probes run in parallel; one that does not answer within :data:`CHECK_TIMEOUT_S` is
+    reported ``down`` (its thread finishes on its own).
+    """
+    probes: dict[str, Callable[[], dict[str, Any]]] = {
+        "control_plane": lambda: check_control_plane(settings),
+        "dagster_storage": lambda: check_dagster_storage(instance),
+        "daemon": lambda: check_daemon(instance),
+        "redis": lambda: check_redis(settings),
+        "tenants": lambda: _timed(lambda: tenant_summary(settings, with_lists=full)),
     }
-    tenant_part: dict[str, Any] | None = tenants if tenants.get("status") == "ok" else None
-    if tenant_part is not None:
-        tenant_part = {k: v for k, v in tenant_part.items() if k not in ("status", "latency_ms")}
+    pool = _pool("probe", 10)
+    futures = {name: pool.submit(fn) for name, fn in probes.items()}
+    wait(futures.values(), timeout=CHECK_TIMEOUT_S)
+    results: dict[str, dict[str, Any]] = {}
+    for name, future in futures.items():
+        if future.done():
+            results[name] = future.result()
+        else:
+            results[name] = {"status": "down", "error": f"no answer within {CHECK_TIMEOUT_S:.0f}s"}
+    tenants = results.pop("tenants")
+    components = results
+    tenant_part: dict[str, Any] | None = None
+    if tenants.get("status") == "ok":
+        tenant_part = {k: v for k, v in tenants.items() if k not in ("status", "latency_ms")}
     status = overall(components, tenant_part)
     body: dict[str, Any] = {
         "status": status,
@@ -276,6 +294,32 @@ async def report(service: "Service", *, full: bool) -> tuple[int, dict[str, Any]
     elif tenant_part is None:
         body["tenants_error"] = tenants.get("error")
     return (503 if status == "failed" else 200), body
+
+
+class ReportCache:
+    """At most one report computation in flight per kind, its answer reused for ``ttl_s``.
+
+    Many probes at once (several load balancers, a busy dashboard) cost one computation.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._entries: dict[bool, tuple[float, Future[tuple[int, dict[str, Any]]]]] = {}
+
+    async def get(self, service: "Service", *, full: bool) -> tuple[int, dict[str, Any]]:
+        """The cached or a fresh report (never older than ``ttl_s`` once computed)."""
+        with self._lock:
+            entry = self._entries.get(full)
+            now = time.monotonic()
+            if entry is None or (entry[1].done() and now - entry[0] > self.ttl_s):
+                future = _pool("report", 2).submit(
+                    build_report, service.settings, service.instance, full=full
+                )
+                entry = (now, future)
+                self._entries[full] = entry
+        # wrap_future works from any event loop (each TestClient request may bring its own).
+        return await asyncio.wrap_future(entry[1])
 
 
 def tenant_health(settings: Settings, tenant_id: str) -> dict[str, Any]:
@@ -306,16 +350,159 @@ def tenant_health(settings: Settings, tenant_id: str) -> dict[str, Any]:
     }
 
 
+# --- OpenAPI: api.openapi_document merges this over its own entries for these routes -------
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_ADMIN: list[dict[str, list[str]]] = [{"bearerToken": []}, {"adminSession": []}]
+_COUNTS = ("ready", "provisioning", "degraded", "failed", "cancelled", "deactivated", "total")
+
+
+def _answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema or {"type": "object"}}},
+    }
+
+
+_COMPONENT = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"enum": ["ok", "down", "disabled"]},
+        "latency_ms": {"type": "number"},
+        "error": {"type": "string", "description": "scrubbed; only in GET /health"},
+    },
+}
+_TENANT_COUNTS = {
+    "type": ["object", "null"],
+    "description": "null when the control plane cannot be read",
+    "properties": {
+        k: {"type": "integer"}
+        for k in (
+            "ready",
+            "provisioning",
+            "degraded",
+            "failed",
+            "cancelled",
+            "deactivated",
+            "total",
+        )
+    },
+}
+_REPORT = {
+    "type": "object",
+    "required": ["status", "components", "tenants", "checked_at"],
+    "properties": {
+        "status": {
+            "enum": ["ok", "degraded", "failed"],
+            "description": "failed: a component is down (503); degraded: a tenant is failed "
+            "or degraded (200)",
+        },
+        "checked_at": {"type": "string", "format": "date-time"},
+        "components": {
+            "type": "object",
+            "properties": {
+                k: _COMPONENT for k in ("control_plane", "dagster_storage", "daemon", "redis")
+            },
+        },
+        "tenants": _TENANT_COUNTS,
+    },
+}
+_ADMIN_ERRORS = {"401": {**_answer("unauthenticated", _ERROR)}, "403": _answer("forbidden", _ERROR)}
+OPENAPI: dict[tuple[str, str], dict[str, Any]] = {
+    ("/health/live", "GET"): {
+        "summary": "Liveness: the process answers",
+        "tags": ["health"],
+        "security": [],
+        "responses": {"200": _answer("alive")},
+    },
+    ("/health/ready", "GET"): {
+        "summary": "Readiness: components and tenant counts (public, no names or errors)",
+        "tags": ["health"],
+        "security": [],
+        "responses": {
+            "200": _answer("ok or degraded (see status)", _REPORT),
+            "503": _answer("a component is down", _REPORT),
+        },
+    },
+    ("/health", "GET"): {
+        "summary": "Full health report: readiness plus failed and degraded tenants",
+        "tags": ["health"],
+        "security": _ADMIN,
+        "responses": {
+            **_ADMIN_ERRORS,
+            "200": _answer("ok or degraded; tenants.failed_tenants/degraded_tenants", _REPORT),
+            "503": _answer("a component is down", _REPORT),
+        },
+    },
+    ("/metrics", "GET"): {
+        "summary": "Prometheus metrics, derived from the control plane's durable records",
+        "tags": ["health"],
+        "security": _ADMIN,
+        "responses": {
+            **_ADMIN_ERRORS,
+            "200": {
+                "description": "Prometheus text exposition format 0.0.4",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            "503": {
+                "description": "the control plane cannot be read",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+        },
+    },
+    ("/api/tenants/{id}/health", "GET"): {
+        "summary": "Run the verification checks for one tenant",
+        "tags": ["health"],
+        "security": _ADMIN,
+        "parameters": [
+            {
+                "name": "id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": registry.ID_PATTERN.pattern},
+            }
+        ],
+        "responses": {
+            **_ADMIN_ERRORS,
+            "200": _answer(
+                "the checks ran; status ok (active, no problem), degraded (active with "
+                "problems), or the tenant's own status",
+                {
+                    "type": "object",
+                    "required": ["tenant_id", "status", "healthy", "problems"],
+                    "properties": {
+                        "tenant_id": {"type": "string"},
+                        "status": {"type": "string"},
+                        "tenant_status": {"type": "string"},
+                        "healthy": {"type": "boolean"},
+                        "problems": {"type": "array", "items": {"type": "string"}},
+                        "last_error": {"type": ["string", "null"]},
+                        "checked_at": {"type": "string", "format": "date-time"},
+                        "duration_ms": {"type": "number"},
+                    },
+                },
+            ),
+            "404": _answer("unknown tenant", _ERROR),
+        },
+    },
+}
+
+
 def routes(service: "Service") -> list[Route]:
     """Routes for /health, /metrics and per-tenant health; ``service`` is api.Service."""
     from .api import endpoint  # the API's error mapping (404 shape...); api imports us
 
+    # Component errors may quote a settings value: make sure this process masks them all.
+    telemetry.register_settings_secrets(service.settings)
+    reports = ReportCache(REPORT_TTL_S)
+
     async def ready(_request: Request) -> Response:
-        status, body = await report(service, full=False)
+        status, body = await reports.get(service, full=False)
         return JSONResponse(body, status_code=status)
 
     async def full(_request: Request) -> Response:
-        status, body = await report(service, full=True)
+        status, body = await reports.get(service, full=True)
         return JSONResponse(body, status_code=status)
 
     async def metrics(_request: Request) -> Response:

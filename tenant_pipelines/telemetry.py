@@ -74,6 +74,21 @@ def register_secret(value: str | None) -> None:
             _secrets.add(value)
 
 
+def register_settings_secrets(settings: Any) -> None:
+    """Register every secret a :class:`~tenant_pipelines.settings.Settings` holds.
+
+    Database passwords are masked inside URLs anyway; registering them also masks them
+    where a driver quotes them bare.
+    """
+    for name in ("control_url", "tenant_pg_url", "mssql_url"):
+        url = getattr(settings, name, "")
+        if url:
+            with contextlib.suppress(Exception):
+                register_secret(sa.make_url(url).password)
+    register_secret(getattr(settings, "smtp_password", ""))
+    register_secret(getattr(settings, "secret_key", ""))
+
+
 def scrub(text: str) -> str:
     """Return ``text`` with every known kind of secret masked."""
     if not text:
@@ -537,8 +552,6 @@ STEP_BUCKETS: tuple[float, ...] = (
     120,
     300,
 )
-OUTCOME_EVENTS: tuple[str, ...] = ("completed", "failed", "cancelled")
-STEP_EVENTS: tuple[str, ...] = ("step_succeeded", "step_failed")
 
 
 @dataclass
@@ -561,105 +574,71 @@ class MetricsSnapshot:
     active: int
 
 
-def _bucket_columns(value: Any, bounds: Iterable[float]) -> list[Any]:
-    return [
-        sa.func.sum(sa.case((value <= b, 1), else_=0)).label(f"le_{i}")
-        for i, b in enumerate(bounds)
-    ]
+# Kept by the trigger of control-plane revision control_0003 (migrations/control/versions/
+# 0003_metrics_rollup.py), in the same transaction as each audit insert.
+metrics_rollup = sa.Table(
+    "metrics_rollup",
+    sa.MetaData(),
+    sa.Column("metric", sa.String(32), primary_key=True),
+    sa.Column("label", sa.String(64), primary_key=True),
+    sa.Column("le", sa.String(16), primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Column("total", sa.Float, nullable=False),
+)
 
 
-def _histograms(rows: Iterable[Any], bounds: Sequence[float]) -> dict[str, HistogramData]:
+def _histograms(
+    rows: Iterable[Any], metric: str, bounds: Sequence[float]
+) -> dict[str, HistogramData]:
+    """Cumulative histograms from the rollup's per-bucket counts and ``sum`` rows."""
+    per_bucket: dict[str, dict[str, int]] = {}
     out: dict[str, HistogramData] = {}
     for row in rows:
-        key, count, total = row[0], row[1], row[2]
-        if key is None:
+        if row.metric != metric:
             continue
-        out[str(key)] = HistogramData(
-            buckets={b: int(row[3 + i] or 0) for i, b in enumerate(bounds)},
-            count=int(count or 0),
-            total=float(total or 0.0),
-        )
+        if row.le == "sum":
+            out.setdefault(row.label, HistogramData())
+            out[row.label].count = int(row.n)
+            out[row.label].total = float(row.total)
+        else:
+            per_bucket.setdefault(row.label, {})[row.le] = int(row.n)
+    for label, h in out.items():
+        counts = per_bucket.get(label, {})
+        running = 0
+        for bound in bounds:
+            running += counts.get(_le(bound), 0)
+            h.buckets[bound] = running
     return out
 
 
-def _seconds_between(dialect: str, later: Any, earlier: Any) -> Any:
-    if dialect == "postgresql":
-        return sa.func.extract("epoch", later - earlier)
-    # SQLite keeps DateTime as ISO text: julianday() gives fractional days.
-    return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
-
-
 def read_metrics(settings: Any) -> MetricsSnapshot:
-    """Aggregate the control plane's records into metric values (three grouped queries).
+    """Every metric value: the rollup table (a few dozen rows) and tenant counts by status.
 
     ``settings`` is a :class:`tenant_pipelines.settings.Settings`.
     """
     from . import registry
 
-    a, t = registry.audit_events, registry.tenants
-    eng = registry.engine(settings)
-    dialect = eng.dialect.name
-    step = a.c.details["step"].as_string()
-    duration = a.c.details["duration_s"].as_float()
-
-    steps_q = (
-        sa.select(
-            step, sa.func.count(), sa.func.sum(duration), *_bucket_columns(duration, STEP_BUCKETS)
+    t = registry.tenants
+    with registry.engine(settings).connect() as conn:
+        rollup = conn.execute(sa.select(metrics_rollup)).all()
+        statuses = {
+            str(s): int(n)
+            for s, n in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status))
+        }
+        active = int(
+            conn.execute(
+                sa.select(sa.func.count()).where(t.c.status == "active", t.c.is_active.is_(True))
+            ).scalar_one()
         )
-        .where(a.c.event.in_(STEP_EVENTS))
-        .group_by(step)
-    )
-    failures_q = sa.select(step, sa.func.count()).where(a.c.event == "step_failed").group_by(step)
-
-    # Whole provisionings: the first outcome event of each correlation id, timed from the
-    # first 'started' event of the same correlation id (runs that never started are left out).
-    first_outcome = (
-        sa.select(a.c.correlation_id, sa.func.min(a.c.id).label("oid"))
-        .where(a.c.event.in_(OUTCOME_EVENTS), a.c.correlation_id.is_not(None))
-        .group_by(a.c.correlation_id)
-        .subquery()
-    )
-    started = (
-        sa.select(a.c.correlation_id, sa.func.min(a.c.at).label("t0"))
-        .where(a.c.event == "started", a.c.correlation_id.is_not(None))
-        .group_by(a.c.correlation_id)
-        .subquery()
-    )
-    outcome_rows = (
-        sa.select(
-            a.c.event.label("outcome"),
-            _seconds_between(dialect, a.c.at, started.c.t0).label("d"),
-        )
-        .select_from(
-            a.join(first_outcome, a.c.id == first_outcome.c.oid).join(
-                started, started.c.correlation_id == a.c.correlation_id
-            )
-        )
-        .subquery()
-    )
-    d = (
-        sa.func.greatest(outcome_rows.c.d, 0)
-        if dialect == "postgresql"
-        else sa.func.max(outcome_rows.c.d, 0)
-    )
-    provision_q = sa.select(
-        outcome_rows.c.outcome,
-        sa.func.count(),
-        sa.func.sum(d),
-        *_bucket_columns(d, PROVISION_BUCKETS),
-    ).group_by(outcome_rows.c.outcome)
-    status_q = sa.select(t.c.status, sa.func.count()).group_by(t.c.status)
-    active_q = sa.select(sa.func.count()).where(t.c.status == "active", t.c.is_active.is_(True))
-
-    with eng.connect() as conn:
-        steps = _histograms(conn.execute(steps_q), STEP_BUCKETS)
-        failures = {str(s): int(n) for s, n in conn.execute(failures_q) if s is not None}
-        provision = _histograms(conn.execute(provision_q), PROVISION_BUCKETS)
-        statuses = {str(s): int(n) for s, n in conn.execute(status_q)}
-        active = int(conn.execute(active_q).scalar_one())
     for status in registry.STATUSES:
         statuses.setdefault(status, 0)
-    return MetricsSnapshot(provision, steps, failures, statuses, active)
+    return MetricsSnapshot(
+        provision=_histograms(rollup, "provision_duration", PROVISION_BUCKETS),
+        steps=_histograms(rollup, "step_duration", STEP_BUCKETS),
+        step_failures={r.label: int(r.n) for r in rollup if r.metric == "step_failures"},
+        statuses=statuses,
+        active=active,
+    )
 
 
 def _histogram_family(

@@ -7,6 +7,8 @@ Dagster's event log, /metrics, and a search for secrets in everything the system
 """
 
 import contextlib
+import datetime as dt
+import importlib.util
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ import sqlalchemy as sa
 import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from alembic import command
+from alembic.config import Config
 from conftest import (
     PG_LIBPQ,
     REPO,
@@ -161,22 +166,25 @@ def expected_metrics(settings: Settings) -> dict[tuple[str, tuple[tuple[str, str
     steps: dict[str, list[float]] = {}
     failures: dict[str, int] = {}
     for e in events:
-        if e["event"] in ("step_succeeded", "step_failed"):
-            steps.setdefault(e["details"]["step"], []).append(float(e["details"]["duration_s"]))
+        step, d = e["details"].get("step"), e["details"].get("duration_s")
+        if e["event"] not in ("step_succeeded", "step_failed") or not isinstance(step, str):
+            continue
+        if isinstance(d, int | float) and not isinstance(d, bool):
+            steps.setdefault(step, []).append(float(d))
         if e["event"] == "step_failed":
-            failures[e["details"]["step"]] = failures.get(e["details"]["step"], 0) + 1
-    started: dict[str, Any] = {}
-    outcome: dict[str, tuple[str, Any]] = {}
+            failures[step] = failures.get(step, 0) + 1
+    started: dict[tuple[str, str], Any] = {}
+    outcome: dict[tuple[str, str], tuple[str, Any]] = {}
     for e in events:
-        corr = e["correlation_id"]
-        if corr and e["event"] == "started":
-            started.setdefault(corr, e["at"])
-        if corr and e["event"] in ("completed", "failed", "cancelled"):
-            outcome.setdefault(corr, (e["event"], e["at"]))
+        key = (e["tenant_id"], e["correlation_id"])
+        if e["correlation_id"] and e["event"] == "started":
+            started.setdefault(key, e["at"])
+        if e["correlation_id"] and e["event"] in ("completed", "failed", "cancelled"):
+            outcome.setdefault(key, (e["event"], e["at"]))
     provision_durations: dict[str, list[float]] = {}
-    for corr, (event, at) in outcome.items():
-        if corr in started:
-            seconds = max((at - started[corr]).total_seconds(), 0.0)
+    for key, (event, at) in outcome.items():
+        if key in started:
+            seconds = max((at - started[key]).total_seconds(), 0.0)
             provision_durations.setdefault(event, []).append(seconds)
     histogram("provision_step_duration_seconds", "step", steps, telemetry.STEP_BUCKETS)
     histogram(
@@ -440,6 +448,121 @@ def test_metrics_match_the_audit_records_after_a_success_and_a_failure(
     finally:
         t.cleanup()
         registry.engine(s).dispose()
+
+
+def upgrade_control_to(settings: Settings, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(settings.migrations_dir / "control"))
+    with registry.engine(settings).begin() as conn:
+        cfg.attributes["connection"] = conn
+        cfg.attributes["version_table"] = "alembic_version_control"
+        command.upgrade(cfg, revision)
+
+
+def synthetic_trail(tenant_id: str) -> list[dict[str, Any]]:
+    """Audit rows of several provisionings, odd ones included, with chosen timestamps."""
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows: list[dict[str, Any]] = []
+
+    def row(event: str, corr: str | None, seconds: float, **details: Any) -> None:
+        rows.append(
+            {
+                "tenant_id": tenant_id,
+                "event": event,
+                "actor": "test",
+                "correlation_id": corr,
+                "at": t0 + dt.timedelta(seconds=seconds),
+                "details": details,
+            }
+        )
+
+    for i, (total, outcome) in enumerate(
+        [(0.4, "completed"), (7.25, "completed"), (45.0, "failed"), (4000.0, "cancelled")]
+    ):
+        corr, start = f"c{i}" + "0" * 30, i * 10_000.0
+        row("requested", corr, start - 1)
+        row("started", corr, start)
+        row("step_succeeded", corr, start + 0.1, step="tenant_validated", duration_s=0.0123)
+        row("step_failed", corr, start + 0.2, step="tenant_database", duration_s=2.5)
+        row("step_failed", corr, start + 0.3, step="tenant_database")  # no duration
+        row("started", corr, start + 0.5)  # a run retry: the first 'started' counts
+        row(outcome, corr, start + total)
+        row("failed", corr, start + total + 1)  # a second outcome is not counted again
+    row("failed", "n" * 32, 50_000.0)  # launch refused: never started, not timed
+    row("step_succeeded", None, 50_001.0, step="tenant_cache", duration_s="fast")  # malformed
+    row("step_succeeded", None, 50_002.0, duration_s=1.0)  # no step
+    return rows
+
+
+def test_rollup_buckets_are_the_collectors_buckets() -> None:
+    path = DEFAULT_MIGRATIONS_DIR / "control" / "versions" / "0003_metrics_rollup.py"
+    spec = importlib.util.spec_from_file_location("rollup_revision", path)
+    assert spec and spec.loader
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    assert revision.STEP_BUCKETS == telemetry.STEP_BUCKETS
+    assert revision.PROVISION_BUCKETS == telemetry.PROVISION_BUCKETS
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rollup_equals_a_recount_of_the_audit_rows_before_and_after_the_upgrade(
+    tmp_path: Path, backend: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        overrides: dict[str, Any] = {}
+        if backend == "postgresql":
+            overrides["control_url"] = stack.enter_context(
+                pg_database(f"tp_ctl_{uuid.uuid4().hex[:10]}")
+            )
+        s = make_settings(tmp_path / "data", **overrides)
+        stack.callback(registry._engines.pop, s.control_url, None)
+        stack.callback(registry.engine(s).dispose)
+        upgrade_control_to(s, "control_0002")
+        with registry.engine(s).begin() as conn:
+            conn.execute(registry.audit_events.insert(), synthetic_trail("before"))
+        registry.upgrade(s)  # control_0003 folds the existing rows in
+        assert_metrics_match_records(telemetry.metrics_text(s).decode(), s)
+        with registry.engine(s).begin() as conn:
+            for r in synthetic_trail("after"):  # one insert per row: the trigger's path
+                conn.execute(registry.audit_events.insert(), [r])
+        text = telemetry.metrics_text(s).decode()
+        assert_metrics_match_records(text, s)
+        samples = metric_samples(text)
+        assert samples[("provision_duration_seconds_count", (("outcome", "completed"),))] == 4
+        assert samples[("provision_duration_seconds_count", (("outcome", "cancelled"),))] == 2
+        assert samples[("provision_step_failures_total", (("step", "tenant_database"),))] == 16
+        assert (
+            samples[
+                (
+                    "provision_step_duration_seconds_bucket",
+                    (("le", "2.5"), ("step", "tenant_database")),
+                )
+            ]
+            == 8
+        )
+        assert ("provision_step_duration_seconds_count", (("step", "tenant_cache"),)) not in samples
+
+
+def test_concurrent_audit_writers_are_all_counted(pg_settings: Settings) -> None:
+    def write(worker: int) -> None:
+        for i in range(25):
+            registry.audit(
+                pg_settings,
+                f"w{worker}",
+                "step_succeeded",
+                "system",
+                None,
+                {"step": "tenant_cache", "attempt": 1, "duration_s": 0.02 * i},
+            )
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    samples = metric_samples(telemetry.metrics_text(pg_settings).decode())
+    assert samples[("provision_step_duration_seconds_count", (("step", "tenant_cache"),))] == 200
+    assert_metrics_match_records(telemetry.metrics_text(pg_settings).decode(), pg_settings)
 
 
 # --- a real service: across the run-worker boundary ------------------------------------------
