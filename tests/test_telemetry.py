@@ -795,10 +795,30 @@ def test_failure_then_retry_leaves_no_secret_in_logs_audit_api_or_event_log(
             "/metrics",
         ):
             assert c.get(path).status_code == 200, path
-    trail = [e for e in registry.audit_trail(srv.settings, tenant_id)]
+    trail = registry.audit_trail(srv.settings, tenant_id)
     step_failed = next(e for e in trail if e["event"] == "step_failed")
     assert f"{observed.db_role}:***@127.0.0.1" in step_failed["details"]["error"]
     assert step_failed["correlation_id"] == first_correlation
+
+    # The worker's spans: the failed run and the retry are one trace each (no traceparent
+    # came with them: the trace id is the run id), the failure recorded where it happened.
+    spans = [x for x in observed.spans() if x["attributes"].get("tenant.id") == tenant_id]
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for x in spans:
+        by_run.setdefault(x["attributes"]["dagster.run_id"], []).append(x)
+    assert len(by_run) == 2
+    for run_id, run_spans in by_run.items():
+        assert {x["trace_id"] for x in run_spans} == {run_id.replace("-", "")}
+    failed_step = next(x for x in spans if x["attributes"]["outcome"] == "failed")
+    assert failed_step["name"] == "tenant_migrations" and failed_step["status"] == "ERROR"
+    assert failed_step["attributes"]["correlation.id"] == first_correlation
+    module = next(
+        x
+        for x in observed.spans()
+        if x["parent_span_id"] == failed_step["span_id"] and x["name"] == "migrate auditing"
+    )
+    assert module["status"] == "ERROR"
+    assert f"{observed.db_role}:***@" in module["events"][0]["attributes"]["exception.message"]
 
     cli = subprocess.run(
         [sys.executable, "-m", "tenant_pipelines.cli", "audit", tenant_id, "--json"],
