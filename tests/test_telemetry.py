@@ -543,6 +543,29 @@ def test_rollup_equals_a_recount_of_the_audit_rows_before_and_after_the_upgrade(
         assert ("provision_step_duration_seconds_count", (("step", "tenant_cache"),)) not in samples
 
 
+def test_a_row_the_rollup_cannot_take_is_still_audited(
+    settings: Settings, pg_settings: Settings
+) -> None:
+    # PostgreSQL: a 100-character step overflows metrics_rollup.label (64): the trigger's
+    # error becomes a server warning. SQLite: a details text that is not JSON is skipped.
+    registry.audit(
+        pg_settings, "t_long", "step_failed", "system", None, {"step": "x" * 100, "duration_s": 1.0}
+    )
+    assert [e["event"] for e in registry.audit_trail(pg_settings, "t_long")] == ["step_failed"]
+    assert "x" * 100 not in telemetry.read_metrics(pg_settings).step_failures  # it did fail
+    with registry.engine(settings).begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO audit_events (tenant_id, event, actor, correlation_id, at, details) "
+            "VALUES ('t_bad', 'step_failed', 'system', NULL, '2026-01-01 00:00:00', 'not json')"
+        )
+        assert (
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM audit_events WHERE tenant_id = 't_bad'"
+            ).scalar_one()
+            == 1
+        )
+
+
 def test_concurrent_audit_writers_are_all_counted(pg_settings: Settings) -> None:
     def write(worker: int) -> None:
         for i in range(25):

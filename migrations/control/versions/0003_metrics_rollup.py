@@ -65,8 +65,8 @@ def _sqlite_triggers() -> list[str]:
     )
     return [
         f"""CREATE TRIGGER metrics_rollup_steps AFTER INSERT ON audit_events
-        WHEN NEW.event IN {_in(STEP_EVENTS)} AND json_valid(NEW.details)
-            AND typeof({step}) = 'text'
+        WHEN NEW.event IN {_in(STEP_EVENTS)}
+            AND CASE WHEN json_valid(NEW.details) THEN typeof({step}) END = 'text'
         BEGIN
             INSERT INTO metrics_rollup (metric, label, le, n, total)
             SELECT 'step_duration', {step}, {_bucket_case(d, STEP_BUCKETS)}, 1, 0
