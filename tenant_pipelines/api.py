@@ -37,7 +37,7 @@ from .registry import (
     ValidationError,
 )
 from .settings import MODULES, Settings
-from .telemetry import get_logger, register_secret
+from .telemetry import get_logger, register_secret, trace_tags
 
 DAGSTER_PREFIX = "/dagster"
 GRAPHQL_PATH = DAGSTER_PREFIX + "/graphql"
@@ -209,8 +209,10 @@ class Service:
     async def create(self, request: Request) -> Any:
         """POST /api/tenants: CreateTenant, answered 202 once the run is queued."""
         req = tenant_request(await json_body(request))
+        # The request's trace context rides in the run's tags into the run worker.
+        tags = trace_tags(request.headers, "POST /api/tenants")
         tenant = await run_in_threadpool(
-            runs.create_tenant, self.ctx, self.settings, req, self.actor(request)
+            runs.create_tenant, self.ctx, self.settings, req, self.actor(request), tags
         )
         return 202, {
             "tenant": tenant.to_json(),
@@ -282,8 +284,16 @@ class Service:
                     "status": tenant.status,
                     "correlation_id": tenant.correlation_id,
                 }
-            fn = {"retry": runs.retry, "activate": runs.activate, "cancel": runs.cancel}[verb]
-            tenant = await run_in_threadpool(fn, self.ctx, self.settings, tenant_id, actor)
+            if verb == "cancel":
+                tenant = await run_in_threadpool(
+                    runs.cancel, self.ctx, self.settings, tenant_id, actor
+                )
+            else:
+                fn = {"retry": runs.retry, "activate": runs.activate}[verb]
+                tags = trace_tags(request.headers, f"POST /api/tenants/{{id}}/{verb}")
+                tenant = await run_in_threadpool(
+                    fn, self.ctx, self.settings, tenant_id, actor, tags
+                )
             return 202, {
                 "tenant": tenant.to_json(),
                 "status": tenant.status,

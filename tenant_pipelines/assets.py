@@ -44,9 +44,7 @@ CORRELATION_TAG = "tenant_pipelines/correlation_id"
 ACTOR_TAG = "tenant_pipelines/actor"
 GROUP = "provisioning"
 
-RETRY = RetryPolicy(
-    max_retries=4, delay=0.5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
-)
+RETRY = RetryPolicy(max_retries=4, delay=0.5, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 TRANSIENT: tuple[type[BaseException], ...] = (
     sa.exc.OperationalError,
     sa.exc.InterfaceError,
@@ -206,6 +204,8 @@ def _step(
                         event="completed",
                         details={"run_id": context.run_id},
                         pre_events=[("step_succeeded", succeeded)],
+                        # Only the run the tenant is provisioning with may finish it.
+                        only_run_id=context.run_id,
                     ):
                         current = registry.get_tenant(settings, tenant_id)
                         raise Failure(
@@ -410,8 +410,9 @@ def verified(settings: Settings, tenant: Tenant) -> dict[str, Any]:
     return {"checks": "migrations at head, admin user, roles, cache"}
 
 
-def _asset(name: str, deps: list[str], body: Callable[[Settings, Tenant], dict[str, Any]],
-           description: str) -> Any:
+def _asset(
+    name: str, deps: list[str], body: Callable[[Settings, Tenant], dict[str, Any]], description: str
+) -> Any:
     @asset(
         name=name,
         deps=deps,
@@ -429,18 +430,42 @@ def _asset(name: str, deps: list[str], body: Callable[[Settings, Tenant], dict[s
 
 STEPS = [
     _asset("tenant_validated", [], validate, "The tenant's request, validated."),
-    _asset("tenant_database", ["tenant_validated"], database,
-           "The tenant's database, schema or file, created when missing."),
-    _asset("tenant_migrations", ["tenant_database"], migrations,
-           "Every enabled module's Alembic migrations, applied in order."),
-    _asset("tenant_identity", ["tenant_migrations"], seeded,
-           "Roles, permissions, the admin user and tenant settings, upserted."),
-    _asset("tenant_credentials", ["tenant_identity"], credentials,
-           "The admin's one-time reset token, issued and delivered."),
-    _asset("tenant_cache", ["tenant_identity"], cached,
-           "Each role's permission set in Redis (skipped without Redis)."),
-    _asset("tenant_verified", ["tenant_credentials", "tenant_cache"], verified,
-           "The tenant checked as it will connect; marks it active."),
+    _asset(
+        "tenant_database",
+        ["tenant_validated"],
+        database,
+        "The tenant's database, schema or file, created when missing.",
+    ),
+    _asset(
+        "tenant_migrations",
+        ["tenant_database"],
+        migrations,
+        "Every enabled module's Alembic migrations, applied in order.",
+    ),
+    _asset(
+        "tenant_identity",
+        ["tenant_migrations"],
+        seeded,
+        "Roles, permissions, the admin user and tenant settings, upserted.",
+    ),
+    _asset(
+        "tenant_credentials",
+        ["tenant_identity"],
+        credentials,
+        "The admin's one-time reset token, issued and delivered.",
+    ),
+    _asset(
+        "tenant_cache",
+        ["tenant_identity"],
+        cached,
+        "Each role's permission set in Redis (skipped without Redis).",
+    ),
+    _asset(
+        "tenant_verified",
+        ["tenant_credentials", "tenant_cache"],
+        verified,
+        "The tenant checked as it will connect; marks it active.",
+    ),
 ]
 STEP_NAMES = [s.key.path[-1] for s in STEPS]
 FINAL_STEP = STEP_NAMES[-1]

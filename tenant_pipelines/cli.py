@@ -43,6 +43,9 @@ def prepare(settings: Settings) -> Settings:
             shutil.copy(REPO_DIR / "dagster.yaml", home / "dagster.yaml")
         os.environ["DAGSTER_HOME"] = str(home)
     os.environ.update(settings.env())
+    from .telemetry import register_settings_secrets
+
+    register_settings_secrets(settings)
     with registry.tenant_lock(settings, "__control_upgrade", 120):
         registry.upgrade(settings)
     return settings

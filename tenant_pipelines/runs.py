@@ -334,6 +334,12 @@ def retry(
 
 def _resumable_parent(instance: DagsterInstance, tenant_id: str) -> str | None:
     runs = runs_of(instance, tenant_id, limit=1)
+    # A tenant turns failed inside its run's last step, a moment before the run itself
+    # ends FAILURE; wait that moment out so the retry resumes instead of starting over.
+    deadline = time.monotonic() + STARTING_GRACE_S
+    while runs and not runs[0].is_finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+        runs = runs_of(instance, tenant_id, limit=1)
     if runs and runs[0].status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
         return str(runs[0].run_id)
     return None

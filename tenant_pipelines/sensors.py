@@ -158,6 +158,7 @@ def reconcile_tenants(
                 only_run_id=run_id,
                 event="failed",
                 details={"run_id": run_id, "by": "reconciler"},
+                actor="sensor",
             )
     if not requests:
         return SkipReason("no orphaned tenants")
@@ -191,6 +192,7 @@ def tenant_run_failed(context: RunFailureSensorContext, platform: Platform) -> N
         only_run_id=context.dagster_run.run_id,
         event="failed",
         details={"run_id": context.dagster_run.run_id, "by": "sensor"},
+        actor="sensor",
     )
 
 
@@ -213,6 +215,7 @@ def tenant_run_cancelled(context: RunStatusSensorContext, platform: Platform) ->
         only_run_id=context.dagster_run.run_id,
         event="cancelled",
         details={"run_id": context.dagster_run.run_id, "by": "sensor"},
+        actor="sensor",
     )
 
 
