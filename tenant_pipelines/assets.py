@@ -204,8 +204,6 @@ def _step(
                         event="completed",
                         details={"run_id": context.run_id},
                         pre_events=[("step_succeeded", succeeded)],
-                        # Only the run the tenant is provisioning with may finish it.
-                        only_run_id=context.run_id,
                     ):
                         current = registry.get_tenant(settings, tenant_id)
                         raise Failure(
