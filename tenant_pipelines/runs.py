@@ -401,18 +401,21 @@ def cancel(
     run_id = unfinished_run(ctx.instance, tenant_id)
     if run_id is None:
         raise registry.ConflictError(f"tenant '{tenant_id}' has no provisioning in progress")
-    # Dagster refuses to terminate a run that is STARTING; it is STARTED a moment later.
+    # Dagster refuses to terminate a run that is STARTING, and a queued run can become
+    # STARTING between any check and the terminate; it is STARTED a moment later.
     deadline = time.monotonic() + STARTING_GRACE_S
-    while (run := ctx.instance.get_run_by_id(run_id)) is not None and run.status in (
-        DagsterRunStatus.NOT_STARTED,
-        DagsterRunStatus.STARTING,
-    ):
-        if time.monotonic() > deadline:
-            raise registry.ConflictError(
-                f"the run of '{tenant_id}' is still starting; cancel again in a moment"
-            )
-        time.sleep(0.1)
-    terminate(ctx, run_id)
+    while True:
+        try:
+            terminate(ctx, run_id)
+            break
+        except LaunchError as exc:
+            if "STARTING" not in str(exc) and "NOT_STARTED" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise registry.ConflictError(
+                    f"the run of '{tenant_id}' is still starting; cancel again in a moment"
+                ) from None
+            time.sleep(0.1)
     run = ctx.instance.get_run_by_id(run_id)
     if run is not None and run.status == DagsterRunStatus.CANCELED:
         # A queued run is cancelled on the spot: no step will record it.
