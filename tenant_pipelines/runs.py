@@ -35,8 +35,8 @@ UNFINISHED = [
     DagsterRunStatus.CANCELING,
 ]
 
-_LAUNCH = """
-mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+# What launchRun and launchRunReexecution can answer: one selection serves both.
+_LAUNCH_RESULT = """
   __typename
   ... on LaunchRunSuccess { run { runId } }
   ... on PythonError { message }
@@ -44,17 +44,15 @@ mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
   ... on InvalidSubsetError { message }
   ... on PipelineNotFoundError { message }
   ... on RunConflict { message }
-} }"""
-_REEXECUTE = """
-mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) {
-  __typename
-  ... on LaunchRunSuccess { run { runId } }
-  ... on PythonError { message }
-  ... on RunConfigValidationInvalid { errors { message } }
-  ... on InvalidSubsetError { message }
-  ... on PipelineNotFoundError { message }
-  ... on RunConflict { message }
-} }"""
+"""
+_LAUNCH = (
+    "mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {" + _LAUNCH_RESULT + "} }"
+)
+_REEXECUTE = (
+    "mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) {"
+    + _LAUNCH_RESULT
+    + "} }"
+)
 _TERMINATE = """
 mutation($runId: String!) { terminateRun(runId: $runId) {
   __typename
