@@ -34,6 +34,8 @@ class Settings:
     control_url: str
     tenant_pg_url: str = ""
     tenant_pg_shared_db: str = "tenant_shared"
+    # Clone database-per-tenant PostgreSQL tenants from a pre-migrated template (issue 5).
+    tenant_pg_template: bool = True
     redis_url: str = ""
     migrations_dir: Path = DEFAULT_MIGRATIONS_DIR
     secret_key: str = ""
