@@ -209,12 +209,28 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class _Terminated(Exception):
+    """SIGTERM: stop the way Ctrl-C does, through the ``finally`` that stops the children."""
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    # Python's default SIGTERM ends the process on the spot, so the daemon and the code server
+    # would outlive it. uvicorn re-raises the signal after its graceful shutdown: it lands here.
+    raise _Terminated
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the daemon and the HTTP service (API + Dagster UI) until interrupted."""
+    """Run the daemon and the HTTP service (API + Dagster UI) until interrupted.
+
+    One code server serves both (tenant_pipelines/code_server.py); SIGTERM and SIGINT stop the
+    service, then the daemon (with its forkserver), then the code server.
+    """
     import uvicorn
     from dagster import DagsterInstance
+    from dagster._serdes import serialize_value
 
     from . import api, registry, runs
+    from .code_server import CODE_SERVER_ENV, CodeServer
     from .telemetry import configure_logging, get_logger
 
     configure_logging()
@@ -222,19 +238,30 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Create the instance's storage before the daemon starts: two processes initialising a
     # fresh SQLite DAGSTER_HOME at once can corrupt its schema.
     instance = DagsterInstance.get()
-    # dagster-daemon, with the run launcher's forkserver started first (tenant_pipelines.launcher).
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tenant_pipelines.launcher",
-            "run",
-            "-w",
-            str(REPO_DIR / "workspace.yaml"),
-        ],
+    signal.signal(signal.SIGTERM, _terminated)
+    code_server = CodeServer(
+        serialize_value(instance.get_ref()),
         cwd=REPO_DIR,
+        # uvicorn turns the signal into a graceful shutdown; the CliError below says why.
+        on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM),
     )
+    daemon: subprocess.Popen[bytes] | None = None
     try:
+        code_server.start()
+        # The service's workspace (runs.workspace_target) and every child load this server.
+        os.environ[CODE_SERVER_ENV] = code_server.socket
+        # dagster-daemon, with the run launcher's forkserver started first (launcher.py).
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tenant_pipelines.launcher",
+                "run",
+                "-w",
+                str(code_server.workspace_file),
+            ],
+            cwd=REPO_DIR,
+        )
         app = api.create_app(settings, instance)
         if not _root_exists(settings):
             with runs.workspace(instance) as ctx:
@@ -256,12 +283,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             flush=True,
         )
         uvicorn.run(app, host=host, port=port, log_level="warning")
+    except _Terminated:
+        pass
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        # A second SIGTERM must not cut the shutdown short (a supervisor SIGKILLs if it hangs).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+        code_server.stop()
+    if code_server.failed:
+        raise CliError("the code server died and could not be restarted: see the log above")
     return 0
 
 
