@@ -5,7 +5,7 @@ version table; also the shared ``env.py`` body of every script directory under
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +80,11 @@ def head(migrations_dir: Path, module: str) -> str | None:
     return _script(migrations_dir / module).get_current_head()
 
 
+def heads(migrations_dir: Path, modules: Sequence[str]) -> dict[str, str | None]:
+    """Each module's head revision, in the modules' order."""
+    return {m: head(migrations_dir, m) for m in modules}
+
+
 def current(conn: Connection, module: str, schema: str | None) -> str | None:
     """The revision a tenant database is at for ``module`` (None before the first)."""
     ctx = MigrationContext.configure(
@@ -114,9 +119,24 @@ def apply(
     is looked at, sees the module's exception if it fails, and the dict it yields receives the
     module's ``before`` and ``after`` revisions.
     """
-    schema = schema_of(tenant)
+    return upgrade_modules(migrations_dir, engine, tenant.modules, schema_of(tenant), on_module)
+
+
+def upgrade_modules(
+    migrations_dir: Path,
+    engine: Engine,
+    modules: Sequence[str],
+    schema: str | None,
+    on_module: Callable[[str], AbstractContextManager[dict[str, Any]]] | None = None,
+) -> list[ModuleResult]:
+    """:func:`apply` for a module list and schema, without a tenant.
+
+    Migrations only ever see the connection, their version table and the schema (see
+    :func:`run_env`), never a tenant: that is what lets one template database serve every
+    tenant with the same modules.
+    """
     results = []
-    for module in tenant.modules:
+    for module in modules:
         with on_module(module) if on_module else contextlib.nullcontext({}) as info:
             target = head(migrations_dir, module)
             with engine.connect() as conn:

@@ -1,5 +1,6 @@
 """Module migrations: fixed order, own version tables, skip at head, stop at first failure."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -20,10 +21,16 @@ def copy_migrations(tmp_path: Path) -> Path:
     return target
 
 
+def without_template(settings: Settings) -> Settings:
+    """These tests migrate an empty database: no clone of a pre-migrated template."""
+    return dataclasses.replace(settings, tenant_pg_template=False)
+
+
 @pytest.mark.parametrize("strategy", ["database", "schema"])
 def test_every_module_reaches_head_with_its_own_version_table(
     settings: Settings, tenants: Tenants, strategy: str
 ) -> None:
+    settings = without_template(settings)
     tenant = tenants.create(strategy=strategy)
     provider_for(settings, tenant).ensure()
     eng = tenant_engine(settings, tenant)
@@ -64,7 +71,7 @@ def test_failed_revision_stops_with_module_revision_and_error(
     migrations = copy_migrations(tmp_path)
     (migrations / "identity" / "versions" / "9999_broken.py").write_text(BROKEN)
     tenant = tenants.create()
-    provider_for(settings, tenant).ensure()
+    provider_for(without_template(settings), tenant).ensure()
     eng = tenant_engine(settings, tenant)
     with pytest.raises(migrate.MigrationError) as err:
         migrate.apply(migrations, eng, tenant)
@@ -79,3 +86,20 @@ def test_failed_revision_stops_with_module_revision_and_error(
     (migrations / "identity" / "versions" / "9999_broken.py").unlink()
     results = migrate.apply(migrations, eng, tenant)
     assert [r.changed for r in results] == [False, True, True]
+
+
+def test_upgrade_modules_needs_no_tenant_and_reports_heads(
+    settings: Settings, tenants: Tenants
+) -> None:
+    # The template build's entry point: a module list and a schema, no tenant object.
+    tenant = tenants.create()
+    provider_for(without_template(settings), tenant).ensure()
+    eng = tenant_engine(settings, tenant)
+    results = migrate.upgrade_modules(settings.migrations_dir, eng, ["identity"], None)
+    assert [(r.module, r.before, r.after) for r in results] == [("identity", None, "identity_0001")]
+    status = migrate.status(settings.migrations_dir, eng, tenant)
+    assert status["identity"] == ("identity_0001", "identity_0001")
+    assert status["auditing"] == (None, "auditing_0001")
+    assert migrate.heads(settings.migrations_dir, MODULES) == {
+        m: head for m, (_, head) in status.items()
+    }
