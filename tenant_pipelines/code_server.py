@@ -22,6 +22,7 @@ serve`` then stops with an error rather than serve without its code.
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,11 @@ class CodeServer:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(DagsterUserCodeUnreachableError):
                     client.heartbeat("ping")
+                # /tmp cleaners (systemd-tmpfiles: 10 days) go by timestamps, which using a
+                # socket does not change: without this a long-lived service loses its socket.
+                for path in (self.directory, self.workspace_file, Path(self.socket)):
+                    with contextlib.suppress(OSError):
+                        os.utime(path)
                 continue
             if self._stopping.is_set():
                 return
