@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import Served, free_port, serve_env, uid, wait_for
 
-from tenant_pipelines import auth, registry
+from tenant_pipelines import auth, providers, registry
 from tenant_pipelines.providers import provider_for
 
 pytestmark = pytest.mark.slow
@@ -86,6 +86,7 @@ def serve(tmp_path: Path) -> Iterator[Served]:
         for tenant in registry.list_tenants(srv.settings, limit=100)[0]:
             with contextlib.suppress(Exception):
                 provider_for(srv.settings, tenant).drop()
+        providers.drop_templates(srv.settings)
         registry.engine(srv.settings).dispose()
         shutil.rmtree(tmp_path, ignore_errors=True)
 
