@@ -2,7 +2,7 @@
 
 from dagster import Definitions, EnvVar
 
-from .assets import STEPS, Platform, provision_tenant
+from .assets import Platform, provision_tenant
 from .sensors import SENSORS
 
 platform = Platform(
@@ -11,6 +11,8 @@ platform = Platform(
     migrations_dir=EnvVar("TP_MIGRATIONS_DIR"),
     tenant_pg_url=EnvVar("TP_TENANT_PG_URL"),
     tenant_pg_shared_db=EnvVar("TP_TENANT_PG_SHARED_DB"),
+    tenant_pg_template=EnvVar("TP_TENANT_PG_TEMPLATE"),
+    location_prefix=EnvVar("TP_LOCATION_PREFIX"),
     mssql_url=EnvVar("TP_MSSQL_URL"),
     redis_url=EnvVar("TP_REDIS_URL"),
     smtp_host=EnvVar("TP_SMTP_HOST"),
@@ -25,7 +27,6 @@ platform = Platform(
 )
 
 defs = Definitions(
-    assets=STEPS,
     jobs=[provision_tenant],
     sensors=SENSORS,
     resources={"platform": platform},

@@ -22,7 +22,7 @@ import redis
 from dagster import DagsterInstance, instance_for_test
 from psycopg import sql
 
-from tenant_pipelines import registry
+from tenant_pipelines import providers, registry
 from tenant_pipelines.providers import provider_for
 from tenant_pipelines.settings import DEFAULT_MIGRATIONS_DIR, Settings
 
@@ -109,6 +109,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settin
     registry.upgrade(s)
     yield s
     registry.engine(s).dispose()
+    providers.drop_templates(s)
 
 
 @pytest.fixture
@@ -122,6 +123,7 @@ def pg_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Set
         yield s
         registry.engine(s).dispose()
         registry._engines.pop(url, None)
+        providers.drop_templates(s)
 
 
 @pytest.fixture
@@ -248,7 +250,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     migrations = data_dir / "migrations"
     shutil.copytree(DEFAULT_MIGRATIONS_DIR, migrations)
     with pg_database(f"tp_ctl_{uuid.uuid4().hex[:10]}") as control_url:
-        env = serve_env(data_dir, control_url=control_url, migrations_dir=str(migrations))
+        # No template database: tests inject slow and broken revisions into this service, and
+        # a template build would run them in the database step instead of the migrations step.
+        env = serve_env(
+            data_dir,
+            control_url=control_url,
+            migrations_dir=str(migrations),
+            tenant_pg_template="0",
+        )
         srv = Served(data_dir, env, free_port()).start()
         try:
             yield srv

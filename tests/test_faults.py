@@ -303,6 +303,8 @@ def build_rig(data_dir: Path, dagster_yaml: str | None = None) -> Iterator[Rig]:
                 data_dir,
                 control_url=control_url,
                 migrations_dir=str(migrations),
+                # Slow revisions are injected: keep them in the migrations step (no template).
+                tenant_pg_template="0",
                 tenant_pg_url=pg.url,
                 redis_url=red.url,
                 smtp_host="127.0.0.1",

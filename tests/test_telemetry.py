@@ -300,7 +300,8 @@ def test_step_spans_are_children_of_the_request_span_with_module_spans_under_mig
         "migrate tenant_settings",
         "migrate auditing",
     ]
-    assert all(s["attributes"]["migration.changed"] for s in modules)
+    # The tenant database is a clone of the pre-migrated template: every module is at head.
+    assert all(s["attributes"]["migration.changed"] is False for s in modules)
 
 
 @pytest.fixture
@@ -328,6 +329,7 @@ def test_failed_step_span_records_the_scrubbed_error_and_step_logs_reach_the_eve
             tmp_path / "data",
             tenant_pg_url=f"postgresql+psycopg://{role}:{password}@127.0.0.1:5432/postgres",
             migrations_dir=migrations,
+            tenant_pg_template=False,
         )
         for k, v in s.env().items():
             monkeypatch.setenv(k, v)
@@ -407,7 +409,8 @@ def test_metrics_match_the_audit_records_after_a_success_and_a_failure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     migrations = failing_migrations(tmp_path)
-    s = make_settings(tmp_path / "data", migrations_dir=migrations)
+    # No template: a clone would carry the flagged revision from before FAIL was set.
+    s = make_settings(tmp_path / "data", migrations_dir=migrations, tenant_pg_template=False)
     for k, v in s.env().items():
         monkeypatch.setenv(k, v)
     registry.upgrade(s)
@@ -698,6 +701,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                 control_url=url,
                 tenant_pg_url=f"postgresql+psycopg://{role}:{password}@127.0.0.1:5432/postgres",
                 migrations_dir=str(migrations),
+                # The FAIL flag must fail the migrations step, not hide in a template build.
+                tenant_pg_template="0",
                 smtp_host="127.0.0.1",
                 smtp_port=str(smtp.port),
                 smtp_user=smtp_user,
