@@ -53,7 +53,7 @@ from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from typing import Any, Self
 
-from dagster import Array, Field, Noneable, StringSource
+from dagster import Array, DagsterInstance, Field, Noneable, StringSource
 from dagster._config import UserConfigSchema
 from dagster._core.launcher.base import (
     CheckRunHealthResult,
@@ -90,6 +90,20 @@ def _same_live_process(pid: int, pstart: str | None) -> bool:
     return current is not None and (not pstart or current == pstart)
 
 
+def pool_storage(instance: DagsterInstance, max_overflow: int) -> None:
+    """Give the instance's storage a connection pool, as ``dagster-webserver`` does.
+
+    dagster-postgres defaults to ``NullPool``: a new PostgreSQL connection for every event a
+    run writes and every query the daemon makes, about 50 per provisioning run. Measured with
+    the same job on the same instance: 1.61 s -> 0.80 s per run (docs/performance.md).
+    ``statement_timeout=0`` keeps PostgreSQL's default (none): a slow event write must not fail
+    a run. SQLite storage ignores this.
+    """
+    instance.optimize_for_webserver(
+        statement_timeout=0, pool_recycle=3600, max_overflow=max_overflow
+    )
+
+
 # ------------------------------------------------------------------ the worker (forked child)
 def _run_worker_main(run_id: str, serialized_instance_ref: str) -> None:
     """Body of a run worker: the same as ``dagster api execute_run``."""
@@ -111,6 +125,7 @@ def _run_worker_main(run_id: str, serialized_instance_ref: str) -> None:
         # A fresh instance, hence fresh database engines: nothing is inherited from the
         # forkserver, which only imported modules.
         with get_instance_for_cli(instance_ref=ref) as instance:
+            pool_storage(instance, max_overflow=4)
             code = _execute_run_command_body(
                 run_id, instance, lambda _event: None, set_exit_code_on_failure=False
             )
@@ -335,6 +350,13 @@ class FloatIntervalQueuedRunCoordinator(QueuedRunCoordinator):
     daemon loop waits in 0.5 s slices, so 0.5 is the useful floor: it halves the mean queue
     wait (about 0.5 s -> 0.25 s) for ~2 % of a core.
     """
+
+    def register_instance(self, instance: DagsterInstance) -> None:
+        """Also pool the instance's storage: the daemon's dequeue loop (every 0.5 s) otherwise
+        opens several PostgreSQL connections per tick. This is the one hook of ours that the
+        daemon's instance passes through."""
+        super().register_instance(instance)
+        pool_storage(instance, max_overflow=20)
 
     @classmethod
     def config_type(cls) -> UserConfigSchema:
