@@ -4,16 +4,19 @@ Runs are launched the way the Dagster UI launches them: the ``launchRun`` and
 ``launchRunReexecution`` GraphQL mutations, executed in-process against a workspace
 context, so the run goes through the queue (one run per tenant at a time) and carries our
 tags. History is read from run storage by the ``dagster/partition`` tag and step stats,
-which are indexed; the event log is read only for the error of a failed step.
+which are indexed; the event log is read only for the error of a failed step. A finished
+run never changes, so its history entry is computed once and kept (:data:`settled_runs`).
 """
 
 import asyncio
 import datetime as dt
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunRecord, RunsFilter
 from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import ModuleTarget
 from dagster_graphql.schema import create_schema
@@ -167,11 +170,7 @@ def terminate(ctx: WorkspaceProcessContext, run_id: str) -> None:
 
 def runs_of(instance: DagsterInstance, tenant_id: str, limit: int = 50) -> list[Any]:
     """The tenant's provisioning runs, newest first."""
-    return list(
-        instance.get_runs(
-            RunsFilter(job_name=provision_tenant.name, tags={PARTITION_TAG: tenant_id}), limit=limit
-        )
-    )
+    return list(instance.get_runs(_run_filter(tenant_id), limit=limit))
 
 
 def unfinished_run(instance: DagsterInstance, tenant_id: str) -> str | None:
@@ -207,39 +206,103 @@ def step_errors(instance: DagsterInstance, run_id: str) -> dict[str, str]:
     return out
 
 
-def history(instance: DagsterInstance, tenant_id: str, limit: int = 20) -> list[dict[str, Any]]:
-    """Every provisioning run of the tenant, newest first, with each step's status."""
-    out = []
-    for run in runs_of(instance, tenant_id, limit):
-        stats = {s.step_key: s for s in instance.get_run_step_stats(run.run_id)}
-        errors = step_errors(instance, run.run_id) if run.status == DagsterRunStatus.FAILURE else {}
-        record = instance.get_run_record_by_id(run.run_id)
-        steps = []
-        for key, s in stats.items():
-            duration = (s.end_time - s.start_time) if s.end_time and s.start_time else None
-            steps.append(
-                {
-                    "step": key,
-                    "status": s.status.value if s.status else "IN_PROGRESS",
-                    "start": _ts(s.start_time),
-                    "end": _ts(s.end_time),
-                    "duration_s": round(duration, 4) if duration is not None else None,
-                    "attempts": s.attempts,
-                    "error": errors.get(key),
-                }
-            )
-        out.append(
+def _run_filter(tenant_id: str) -> RunsFilter:
+    return RunsFilter(job_name=provision_tenant.name, tags={PARTITION_TAG: tenant_id})
+
+
+def _run_entry(instance: DagsterInstance, record: RunRecord) -> dict[str, Any]:
+    """One run of :func:`history`: the run and each step's status, from step stats."""
+    run = record.dagster_run
+    stats = {s.step_key: s for s in instance.get_run_step_stats(run.run_id)}
+    errors = step_errors(instance, run.run_id) if run.status == DagsterRunStatus.FAILURE else {}
+    steps = []
+    for key, s in stats.items():
+        duration = (s.end_time - s.start_time) if s.end_time and s.start_time else None
+        steps.append(
             {
-                "run_id": run.run_id,
-                "status": run.status.value,
-                "correlation_id": run.tags.get(CORRELATION_TAG),
-                "parent_run_id": run.parent_run_id,
-                "start": _ts(record.start_time) if record else None,
-                "end": _ts(record.end_time) if record else None,
-                "steps": sorted(steps, key=lambda s: s["start"] or "~"),
+                "step": key,
+                "status": s.status.value if s.status else "IN_PROGRESS",
+                "start": _ts(s.start_time),
+                "end": _ts(s.end_time),
+                "duration_s": round(duration, 4) if duration is not None else None,
+                "attempts": s.attempts,
+                "error": errors.get(key),
             }
         )
-    return out
+    return {
+        "run_id": run.run_id,
+        "status": run.status.value,
+        "correlation_id": run.tags.get(CORRELATION_TAG),
+        "parent_run_id": run.parent_run_id,
+        "start": _ts(record.start_time),
+        "end": _ts(record.end_time),
+        "steps": sorted(steps, key=lambda s: s["start"] or "~"),
+    }
+
+
+class _SettledRuns:
+    """History entries of finished runs, by run id (a bounded LRU shared by all threads).
+
+    A finished run never changes, so its entry is computed once: a status read then costs
+    one query for the tenant's latest run ids instead of a run record, step stats and event
+    log reads for every run.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._entries.get(run_id)
+            if entry is not None:
+                self._entries.move_to_end(run_id)
+            return entry
+
+    def put(self, run_id: str, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._entries[run_id] = entry
+            self._entries.move_to_end(run_id)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# A few KB per run: 4,096 runs cover the latest runs of every tenant at the issue's sizes.
+SETTLED_CACHE_SIZE = 4096
+# A terminated run is marked finished while its worker may still be writing its last step
+# events; an entry is kept only once its run ended this long ago.
+SETTLED_AFTER_S = 10.0
+settled_runs = _SettledRuns(SETTLED_CACHE_SIZE)
+
+
+def _settled(record: RunRecord, now: float) -> bool:
+    end = record.end_time
+    return record.dagster_run.is_finished and end is not None and now - end > SETTLED_AFTER_S
+
+
+def history(instance: DagsterInstance, tenant_id: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The tenant's latest ``limit`` provisioning runs, newest first, with each step's status.
+
+    The returned dicts may be shared with later calls (finished runs are cached): read them,
+    do not change them.
+    """
+    run_ids = instance.get_run_ids(_run_filter(tenant_id), limit=limit)
+    found = {rid: entry for rid in run_ids if (entry := settled_runs.get(rid)) is not None}
+    missing = [rid for rid in run_ids if rid not in found]
+    if missing:
+        now = time.time()
+        for record in instance.get_run_records(RunsFilter(run_ids=missing)):
+            entry = _run_entry(instance, record)
+            found[record.dagster_run.run_id] = entry
+            if _settled(record, now):
+                settled_runs.put(record.dagster_run.run_id, entry)
+    # A run deleted between the two reads is left out.
+    return [found[rid] for rid in run_ids if rid in found]
 
 
 # --- tenant operations shared by the CLI and the API -----------------------------------------

@@ -104,6 +104,54 @@ def test_create_goes_through_queue_and_daemon_to_active(served: Served, ctx: Any
     assert all(s["start"] and s["end"] and s["duration_s"] is not None for s in steps)
 
 
+def test_history_caches_settled_runs_and_shows_a_new_run_at_once(
+    served: Served, ctx: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runs, "SETTLED_AFTER_S", 0.0)
+    tenant = runs.create_tenant(ctx, served.settings, request(), "test")
+    first = final(served, ctx, tenant.id)
+    before = runs.history(ctx.instance, tenant.id)
+    assert [r["run_id"] for r in before] == [first.run_id]
+    assert runs.settled_runs.get(first.run_id) is before[0], "a finished run is kept"
+    # The kept entry is what a fresh read of Dagster's storage gives.
+    runs.settled_runs.clear()
+    assert runs.history(ctx.instance, tenant.id) == before
+
+    again = runs.activate(ctx, served.settings, tenant.id, "test")
+    queued = runs.history(ctx.instance, tenant.id)
+    assert [r["run_id"] for r in queued] == [again.run_id, first.run_id]
+    second = final(served, ctx, tenant.id)
+    done = runs.history(ctx.instance, tenant.id)
+    assert [r["status"] for r in done] == ["SUCCESS", "SUCCESS"]
+    assert done[0]["correlation_id"] == second.correlation_id
+    assert done[0]["steps"] and all(s["status"] == "SUCCESS" for s in done[0]["steps"])
+    assert runs.history(ctx.instance, tenant.id, limit=1) == done[:1]
+
+
+def test_history_does_not_keep_a_run_that_is_not_settled(
+    served: Served, ctx: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runs, "SETTLED_AFTER_S", 3600.0)
+    tenant = runs.create_tenant(ctx, served.settings, request(), "test")
+    in_flight = runs.history(ctx.instance, tenant.id)
+    assert [r["run_id"] for r in in_flight] == [tenant.run_id]
+    assert runs.settled_runs.get(tenant.run_id or "") is None, "queued or running"
+    final(served, ctx, tenant.id)
+    # Finished, but not SETTLED_AFTER_S ago: its last events may still be on their way.
+    assert runs.history(ctx.instance, tenant.id)[0]["status"] == "SUCCESS"
+    assert runs.settled_runs.get(tenant.run_id or "") is None
+
+
+def test_settled_runs_cache_is_bounded_and_keeps_the_recently_used() -> None:
+    cache = runs._SettledRuns(2)
+    cache.put("a", {"run_id": "a"})
+    cache.put("b", {"run_id": "b"})
+    assert cache.get("a") == {"run_id": "a"}
+    cache.put("c", {"run_id": "c"})
+    assert cache.get("b") is None, "the least recently used goes first"
+    assert cache.get("a") and cache.get("c")
+
+
 def test_retry_resumes_from_failed_migration(served: Served, ctx: Any, revision: Any) -> None:
     broken = revision("identity", "9999_broken.py", BROKEN_REVISION)
     tenant = runs.create_tenant(ctx, served.settings, request(), "test")
