@@ -24,6 +24,9 @@ import json
 import re
 import secrets
 import sys
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +80,12 @@ TENANT_API_PREFIX = "/api/t/"
 DEFAULT_NEXT = "/dagster/"
 # Refresh api_tokens.last_used_at at most this often: one write per request would be wasteful.
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+# The middleware reuses a Bearer token's principal this long without reading the database.
+# A revocation in this process (revoke_api_token, revoke_session, a password change) empties
+# the cache at once; one made by another process (``tenantctl admin token revoke``, another
+# service worker) takes effect here within this many seconds.
+PRINCIPAL_TTL_S = 5.0
+PRINCIPAL_CACHE_SIZE = 10_000
 
 metadata = sa.MetaData()
 
@@ -275,6 +284,8 @@ def set_admin_password(settings: Settings, email: str, password: str) -> None:
         if updated != 1:
             raise NotFoundError(f"no platform admin '{email}'")
         _revoke_sessions(conn, "platform", email, None, now)
+    # After the commit: a lookup racing the revocation must not cache the old answer.
+    principals.clear()
 
 
 def _revoke_sessions(
@@ -449,6 +460,7 @@ def revoke_session(settings: Settings, raw: str) -> None:
             .where(auth_sessions.c.session_hash == _hash(raw), auth_sessions.c.revoked_at.is_(None))
             .values(revoked_at=utcnow())
         )
+    principals.clear()
 
 
 def _live_session(conn: Connection, raw: str, kind: str) -> sa.RowMapping | None:
@@ -526,6 +538,7 @@ def revoke_api_token(settings: Settings, name: str) -> int:
             .where(api_tokens.c.name == name, api_tokens.c.revoked_at.is_(None))
             .values(revoked_at=utcnow())
         ).rowcount
+    principals.clear()
     if count == 0:
         raise NotFoundError(f"no live API token named '{name}'")
     get_logger().info("api token revoked", extra={"fields": {"token_name": name}})
@@ -570,8 +583,13 @@ class Principal:
 
 def principal_from_bearer(settings: Settings, token: str) -> Principal | None:
     """The caller a Bearer token stands for: a live API token or a live tenant session."""
+    return _bearer_lookup(settings, token)[0]
+
+
+def _bearer_lookup(settings: Settings, token: str) -> tuple[Principal | None, dt.datetime | None]:
+    """:func:`principal_from_bearer` plus when the credential expires (None: never)."""
     if len(token) > 200:
-        return None
+        return None, None
     if token.startswith(API_TOKEN_PREFIX):
         digest = _hash(token)
         now = utcnow()
@@ -582,23 +600,85 @@ def principal_from_bearer(settings: Settings, token: str) -> Principal | None:
                 .first()
             )
             if row is None or not hmac.compare_digest(row["token_hash"], digest):
-                return None
+                return None, None
             expires = _aware(row["expires_at"])
             if row["revoked_at"] is not None or (expires is not None and expires <= now):
-                return None
+                return None, None
             last = _aware(row["last_used_at"])
             if last is None or now - last > LAST_USED_RESOLUTION:
                 conn.execute(
                     api_tokens.update().where(api_tokens.c.id == row["id"]).values(last_used_at=now)
                 )
-            return Principal("token", str(row["name"]))
+            return Principal("token", str(row["name"])), expires
     if token.startswith(TENANT_TOKEN_PREFIX):
         with registry.engine(settings).connect() as conn:
             session = _live_session(conn, token, "tenant")
         if session is None:
-            return None
-        return Principal("tenant", str(session["subject"]), str(session["tenant_id"]))
-    return None
+            return None, None
+        principal = Principal("tenant", str(session["subject"]), str(session["tenant_id"]))
+        return principal, _aware(session["expires_at"])
+    return None, None
+
+
+class PrincipalCache:
+    """Bearer token -> principal for :data:`PRINCIPAL_TTL_S` seconds, in this process.
+
+    Keyed by the token's SHA-256 (as stored) and the control-plane URL. Only live
+    credentials are kept, never past their own expiry. :meth:`clear` bumps a generation, so a
+    lookup that started before a revocation cannot put its stale answer back afterwards.
+    """
+
+    def __init__(self, ttl_s: float = PRINCIPAL_TTL_S, size: int = PRINCIPAL_CACHE_SIZE) -> None:
+        self.ttl_s, self.size = ttl_s, size
+        self.generation = 0
+        self._entries: OrderedDict[tuple[str, str], tuple[Principal, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(settings: Settings, token: str) -> tuple[str, str]:
+        return settings.control_url, _hash(token)
+
+    def get(self, settings: Settings, token: str) -> Principal | None:
+        """The cached principal of ``token``, or None when absent or stale."""
+        key = self._key(settings, token)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry[1] <= time.monotonic():
+                del self._entries[key]
+                return None
+            return entry[0]
+
+    def put(
+        self,
+        settings: Settings,
+        token: str,
+        principal: Principal,
+        expires_at: dt.datetime | None,
+        generation: int,
+    ) -> None:
+        """Remember a principal read at ``generation`` (dropped if a revocation came since)."""
+        until = time.monotonic() + self.ttl_s
+        if expires_at is not None:
+            until = min(until, time.monotonic() + (expires_at - utcnow()).total_seconds())
+        key = self._key(settings, token)
+        with self._lock:
+            if generation != self.generation:
+                return
+            self._entries[key] = (principal, until)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every entry: called on every revocation in this process."""
+        with self._lock:
+            self.generation += 1
+            self._entries.clear()
+
+
+principals = PrincipalCache()
 
 
 def principal_from_admin_cookie(settings: Settings, value: str) -> Principal | None:
@@ -751,7 +831,10 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            principal = await run_in_threadpool(self._authenticate, bearer, cookies)
+            # A cached Bearer principal skips the thread hop and the database read.
+            principal = principals.get(self.settings, bearer) if bearer else None
+            if principal is None:
+                principal = await run_in_threadpool(self._authenticate, bearer, cookies)
         except Exception:  # a broken auth store must neither leak details nor let anyone in
             get_logger().exception("authentication store unavailable")
             await self._deny(
@@ -810,7 +893,13 @@ class AuthMiddleware:
     def _authenticate(self, bearer: str | None, cookies: Mapping[str, str]) -> Principal | None:
         if bearer is not None:
             # An explicit Bearer wins: a bad one is a 401 even next to a good cookie.
-            return principal_from_bearer(self.settings, bearer) if bearer else None
+            if not bearer:
+                return None
+            generation = principals.generation
+            principal, expires = _bearer_lookup(self.settings, bearer)
+            if principal is not None:
+                principals.put(self.settings, bearer, principal, expires, generation)
+            return principal
         value = cookies.get(ADMIN_COOKIE)
         return principal_from_admin_cookie(self.settings, value) if value else None
 
@@ -1073,6 +1162,7 @@ def tenant_reset_password(
             tenant.correlation_id,
             {"user": email},
         )
+    principals.clear()
     return email
 
 

@@ -404,3 +404,87 @@ def test_tenantctl_admin_tokens_are_shown_once_listed_without_secrets_and_revoke
         settings, "admin", "token", "create", "--name", "cd", "--expires-days", "0"
     )
     assert expiring.returncode == 1
+
+
+# --- the middleware's principal cache ----------------------------------------------------------
+
+
+def _whoami_app(settings: Settings) -> Any:
+    """AuthMiddleware in front of an app that answers who the caller is."""
+    from starlette.testclient import TestClient
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        principal = scope["tp.principal"]
+        body = json.dumps(principal.to_json()).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    return TestClient(auth.AuthMiddleware(app, settings, "/dagster/graphql"))
+
+
+def test_revoking_a_token_in_this_process_refuses_it_at_once(settings: Settings) -> None:
+    name = uid("ci")
+    token = auth.create_api_token(settings, name, "test")
+    client = _whoami_app(settings)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/me", headers=headers).json()["name"] == name
+    assert auth.principals.get(settings, token) == auth.Principal("token", name), "cached"
+    auth.revoke_api_token(settings, name)
+    assert auth.principals.get(settings, token) is None
+    assert client.get("/api/me", headers=headers).status_code == 401
+
+
+def test_a_revocation_by_another_process_is_honoured_once_the_entry_expires(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = uid("ci")
+    token = auth.create_api_token(settings, name, "test")
+    client = _whoami_app(settings)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/me", headers=headers).status_code == 200
+    # What `tenantctl admin token revoke` does from its own process: this cache is not told.
+    with registry.engine(settings).begin() as conn:
+        conn.execute(auth.api_tokens.update().values(revoked_at=registry.utcnow()))
+    assert client.get("/api/me", headers=headers).status_code == 200, "the documented window"
+    assert auth.principal_from_bearer(settings, token) is None, "the uncached lookup is exact"
+    later = auth.time.monotonic() + auth.PRINCIPAL_TTL_S + 1
+    monkeypatch.setattr(auth.time, "monotonic", lambda: later)
+    assert client.get("/api/me", headers=headers).status_code == 401
+
+
+def test_a_cached_principal_never_outlives_its_token(settings: Settings) -> None:
+    soon = registry.utcnow() + dt.timedelta(seconds=1)
+    token = auth.create_api_token(settings, uid("ci"), "test", expires_at=soon)
+    principal, expires = auth._bearer_lookup(settings, token)
+    assert principal is not None and expires == soon
+    cache = auth.PrincipalCache(ttl_s=3600)
+    cache.put(settings, token, principal, expires, cache.generation)
+    assert cache.get(settings, token) == principal
+    expired = auth.PrincipalCache(ttl_s=3600)
+    past = registry.utcnow() - dt.timedelta(seconds=1)
+    expired.put(settings, token, principal, past, expired.generation)
+    assert expired.get(settings, token) is None
+
+
+def test_a_lookup_that_raced_a_revocation_is_not_cached(settings: Settings) -> None:
+    token = auth.create_api_token(settings, uid("ci"), "test")
+    principal, expires = auth._bearer_lookup(settings, token)
+    assert principal is not None
+    cache = auth.PrincipalCache()
+    generation = cache.generation  # the lookup started here ...
+    cache.clear()  # ... a revocation committed meanwhile ...
+    cache.put(settings, token, principal, expires, generation)  # ... and its answer is late
+    assert cache.get(settings, token) is None
+    cache.put(settings, token, principal, expires, cache.generation)
+    assert cache.get(settings, token) == principal
+
+
+def test_a_tenant_logout_in_this_process_empties_the_cache(settings: Settings) -> None:
+    raw = auth.create_session(settings, "tenant", "a@b.example", "t_one", dt.timedelta(hours=1))
+    client = _whoami_app(settings)
+    # A tenant session is not a platform credential: refused, but its principal is cached.
+    assert client.get("/api/me", headers={"Authorization": f"Bearer {raw}"}).status_code == 403
+    assert auth.principals.get(settings, raw) is not None
+    auth.revoke_session(settings, raw)
+    assert auth.principals.get(settings, raw) is None
+    assert client.get("/api/me", headers={"Authorization": f"Bearer {raw}"}).status_code == 401
