@@ -529,6 +529,36 @@ def test_create_returns_202_with_status_and_correlation_and_history_reads_dagste
         drop_tenant(served, tenant_id)
 
 
+def test_status_reads_show_a_new_run_at_once_and_pages_match_the_catalog(
+    served: Served, admin: Admin, client: httpx.Client
+) -> None:
+    tenant_id = create_tenant(client, admin)
+    try:
+        wait_status(client, admin, tenant_id, "active")
+        wait_idle(client, admin, tenant_id)
+        path = f"/api/tenants/{tenant_id}/provisioning"
+        first = client.get(path, headers=admin.headers).json()["runs"]
+        assert len(first) == 1 and first[0]["status"] == "SUCCESS"
+        again = client.post(f"/api/tenants/{tenant_id}/activate", json={}, headers=admin.headers)
+        assert again.status_code == 202
+        now = client.get(path, headers=admin.headers).json()
+        assert [r["run_id"] for r in now["runs"]] == [again.json()["tenant"]["run_id"]] + [
+            first[0]["run_id"]
+        ]
+        assert now["correlation_id"] == again.json()["correlation_id"]
+        assert now["runs"][1] == first[0], "a finished run reads the same every time"
+        wait_idle(client, admin, tenant_id)
+        done = client.get(path, headers=admin.headers).json()["runs"]
+        assert [r["status"] for r in done] == ["SUCCESS", "SUCCESS"]
+        # A page shows the catalog row exactly as Tenant.to_json renders it.
+        tenant = registry.get_tenant(served.settings, tenant_id)
+        page = client.get("/api/tenants", params={"limit": 500}, headers=admin.headers).json()
+        assert [t for t in page["items"] if t["id"] == tenant_id] == [tenant.to_json()]
+        assert api.tenant_json(tenant) == tenant.to_json()
+    finally:
+        drop_tenant(served, tenant_id)
+
+
 def test_retry_activate_and_cancel_never_start_a_second_concurrent_run(
     served: Served, admin: Admin, client: httpx.Client
 ) -> None:
