@@ -212,6 +212,24 @@ def configure_logging(level: str = "INFO") -> None:
             logger.setLevel(level)
 
 
+def json_only(level: int, message: str, fields: Mapping[str, Any]) -> None:
+    """Log to the JSON stream only, not to Dagster's event log.
+
+    For lines Dagster records as its own events already (a step's start is its STEP_START):
+    every record of a managed logger costs one more event-log write in the run.
+    """
+    logger = get_logger()
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(
+        logger.name, level, __file__, 0, message, (), None, extra={"fields": dict(fields)}
+    )
+    if logger.filter(record):
+        for handler in logger.handlers:
+            if isinstance(handler.formatter, JsonFormatter):
+                handler.handle(record)
+
+
 def kv(fields: Mapping[str, Any]) -> str:
     """``key=value`` pairs, for log messages that must carry their fields as text.
 

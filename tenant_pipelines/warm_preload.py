@@ -13,20 +13,26 @@ too; a deploy restarts the daemon and with it the forkserver.
 
 import dagster
 import dagster._cli.api
+import dagster._core.definitions.repository_definition.repository_data_builder
 import dagster._core.execution.api
 import dagster._core.executor.in_process
 import dagster._core.executor.multiprocess
 import dagster._core.instance.factory
 import dagster._core.storage.event_log.sqlite
-import dagster._core.storage.local_compute_log_manager
+import dagster._core.storage.noop_compute_log_manager
 import dagster._core.storage.runs.sqlite
 import dagster._core.storage.schedules.sqlite
+import dagster._core.system_config.composite_descent
 import dagster._daemon.auto_run_reexecution.auto_run_reexecution
 import dagster._daemon.controller  # noqa: F401
 import dagster_postgres  # noqa: F401  (production storage)
 import fsspec  # type: ignore[import-untyped]  # noqa: F401
+import psycopg2.extras  # type: ignore[import-untyped]  # noqa: F401  (dagster-postgres)
 import rich.console  # noqa: F401
 import structlog  # noqa: F401
-import upath  # noqa: F401
+import upath
+import upath.core
+import upath.implementations.local  # noqa: F401
 
-import tenant_pipelines.definitions  # noqa: F401  (the code location: assets, resources)
+import tenant_pipelines.definitions
+import tenant_pipelines.delivery  # noqa: F401  (imported by a step)

@@ -942,18 +942,14 @@ def test_worker_json_logs_and_event_log_carry_step_fields_for_every_step(
         assert isinstance(x["duration_s"], float)
         assert re.fullmatch(r"[0-9a-f]{32}", x["trace_id"])
     with observed.instance() as instance:
-        messages = [
-            e.user_message
-            for e in instance.all_logs(tenant.run_id or "")
-            if e.user_message.startswith("step ")
-        ]
+        records = instance.all_logs(tenant.run_id or "")
+    messages = [e.user_message for e in records if e.user_message.startswith("step ")]
+    # A step's start is Dagster's own STEP_START event; the JSON line is not copied into the
+    # event log (one write less per step). Its end, with the fields, is.
+    assert not [m for m in messages if m.startswith("step started:")]
+    started_steps = [e.step_key for e in records if e.dagster_event_type == "STEP_START"]
+    assert sorted(started_steps) == sorted(STEP_NAMES)
     for step in STEP_NAMES:
-        assert any(
-            m.startswith("step started:")
-            and f"step={step} " in m
-            and f"correlation_id={tenant.correlation_id}" in m
-            for m in messages
-        ), step
         assert any(
             m.startswith("step succeeded:")
             and f"step={step} " in m
