@@ -10,6 +10,7 @@ run never changes, so its history entry is computed once and kept (:data:`settle
 
 import asyncio
 import datetime as dt
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,15 +19,17 @@ from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunRecord, RunsFilter
 from dagster._core.workspace.context import WorkspaceProcessContext
-from dagster._core.workspace.load_target import ModuleTarget
+from dagster._core.workspace.load_target import GrpcServerTarget, ModuleTarget, WorkspaceLoadTarget
 from dagster_graphql.schema import create_schema
 
 from . import registry
 from .assets import ACTOR_TAG, CORRELATION_TAG, TENANT_TAG, provision_tenant, tenants_partitions
+from .code_server import CODE_SERVER_ENV
 from .settings import Settings
 from .telemetry import scrub
 
 LOCATION = "tenant_pipelines"
+RELOAD_TIMEOUT_S = 30.0
 REPOSITORY = "__repository__"
 PARTITION_TAG = "dagster/partition"
 STARTING_GRACE_S = 5.0
@@ -71,8 +74,12 @@ class LaunchError(Exception):
     """Dagster refused to launch or terminate a run; the message says why."""
 
 
-def workspace_target() -> ModuleTarget:
-    """Our code location, under the name workspace.yaml gives it (the daemon's view)."""
+def workspace_target() -> WorkspaceLoadTarget:
+    """Our code location, under the name workspace.yaml gives it (the daemon's view): the code
+    server ``tenantctl serve`` shares (``TP_CODE_SERVER_SOCKET``), else one of our own."""
+    socket = os.environ.get(CODE_SERVER_ENV)
+    if socket:
+        return GrpcServerTarget(host="localhost", port=None, socket=socket, location_name=LOCATION)
     return ModuleTarget(
         module_name="tenant_pipelines.definitions",
         attribute="defs",
@@ -131,22 +138,33 @@ def submit(
     """Add the tenant's partition if needed and queue a provisioning run; return its id."""
     ctx.instance.add_dynamic_partitions(tenants_partitions.name or "tenants", [tenant_id])
     tags = run_tags(tenant_id, correlation_id, actor, extra_tags)
-    data = graphql(
-        ctx,
-        _LAUNCH,
-        {
-            "p": {
-                "selector": {
-                    "repositoryLocationName": LOCATION,
-                    "repositoryName": REPOSITORY,
-                    "jobName": provision_tenant.name,
-                },
-                "runConfigData": {},
-                "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
-            }
+    params = {
+        "selector": {
+            "repositoryLocationName": LOCATION,
+            "repositoryName": REPOSITORY,
+            "jobName": provision_tenant.name,
         },
-    )
-    return _run_id(data["launchRun"])
+        "runConfigData": {},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+    }
+    return _launch_mutation(ctx, _LAUNCH, {"p": params}, "launchRun")
+
+
+def _launch_mutation(
+    ctx: WorkspaceProcessContext, query: str, variables: Mapping[str, Any], field: str
+) -> str:
+    data = graphql(ctx, query, variables)[field]
+    if data["__typename"] == "PythonError" and "UserCodeUnreachable" in str(data.get("message")):
+        # tenantctl serve restarted the shared code server (same socket): the workspace still
+        # holds the dead server's channel until the location is reloaded, and the new server
+        # may take a few seconds to answer.
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        ctx.reload_code_location(LOCATION)
+        while ctx.has_code_location_error(LOCATION) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            ctx.reload_code_location(LOCATION)
+        data = graphql(ctx, query, variables)[field]
+    return _run_id(data)
 
 
 def reexecute_from_failure(
@@ -158,7 +176,7 @@ def reexecute_from_failure(
         "strategy": "FROM_FAILURE",
         "extraTags": [{"key": k, "value": v} for k, v in extra_tags.items()],
     }
-    return _run_id(graphql(ctx, _REEXECUTE, {"p": params})["launchRunReexecution"])
+    return _launch_mutation(ctx, _REEXECUTE, {"p": params}, "launchRunReexecution")
 
 
 def terminate(ctx: WorkspaceProcessContext, run_id: str) -> None:

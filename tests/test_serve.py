@@ -149,11 +149,6 @@ def test_the_daemon_loads_the_shared_code_server(shared: tuple[Served, str]) -> 
     assert not code_servers(daemon), "the daemon started a code server of its own"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.create_app loads runs.workspace_target(), a ModuleTarget with its own code "
-    "server, until runs.py reads TP_CODE_SERVER_SOCKET (see docs/production.md)",
-)
 def test_one_code_server_for_the_whole_service(shared: tuple[Served, str]) -> None:
     srv, _ = shared
     assert srv.proc is not None
