@@ -44,7 +44,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing import context as mp_context
 from multiprocessing import forkserver as mp_forkserver
 from multiprocessing import popen_forkserver as mp_popen_forkserver
@@ -346,9 +347,9 @@ class ForkserverRunLauncher(RunLauncher, ConfigurableClass):
 class FloatIntervalQueuedRunCoordinator(QueuedRunCoordinator):
     """``QueuedRunCoordinator`` whose ``dequeue_interval_seconds`` may be below one second.
 
-    The stock schema is an integer (1 s at least, or 0, which busy-polls a whole core). The
-    daemon loop waits in 0.5 s slices, so 0.5 is the useful floor: it halves the mean queue
-    wait (about 0.5 s -> 0.25 s) for ~2 % of a core.
+    The stock schema is an integer (1 s at least, or 0, which busy-polls a whole core). With
+    :func:`use_exact_dequeue_interval` (the daemon started by :func:`main`), 0.2 s gives a
+    mean queue wait of ~0.1 s instead of ~0.5 s, for ~1-2 % of a core at idle.
     """
 
     def register_instance(self, instance: DagsterInstance) -> None:
@@ -376,6 +377,41 @@ class FloatIntervalQueuedRunCoordinator(QueuedRunCoordinator):
         return coordinator
 
 
+def _dequeue_loop(
+    self: Any, workspace_process_context: Any, shutdown_event: threading.Event
+) -> Iterator[Any]:
+    """``IntervalDaemon.core_loop`` of Dagster 1.13.27 that waits out exactly the rest of the
+    interval. The stock loop waits in fixed 0.5 s slices, so an interval below 0.5 s is never
+    honoured and every queued run waited 0.25 s on average before its launch.
+    """
+    from dagster._daemon.daemon import SpanMarker
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    while True:
+        start = time.monotonic()
+        yield SpanMarker.START_SPAN
+        try:
+            yield from self.run_iteration(workspace_process_context)
+        except Exception:
+            error_info = serializable_error_info_from_exc_info(sys.exc_info())
+            self._logger.error("Caught error:\n%s", error_info)
+            yield error_info
+        yield SpanMarker.END_SPAN
+        remaining = self.interval_seconds - (time.monotonic() - start)
+        if remaining > 0:
+            shutdown_event.wait(remaining)
+        yield None
+
+
+def use_exact_dequeue_interval() -> None:
+    """Make this process's queued-run daemon honour ``dequeue_interval_seconds`` below 0.5 s."""
+    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
+        QueuedRunCoordinatorDaemon,
+    )
+
+    QueuedRunCoordinatorDaemon.core_loop = _dequeue_loop  # type: ignore[method-assign,assignment]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``dagster-daemon`` with the run-worker forkserver started first.
 
@@ -384,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from dagster import DagsterInstance
     from dagster._daemon.cli import main as daemon_main
+
+    use_exact_dequeue_interval()
 
     with DagsterInstance.get() as instance:
         launcher = instance.run_launcher

@@ -3,6 +3,9 @@ succeeds in a forked worker, termination ends it CANCELED, a killed worker ends 
 
 import os
 import signal
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -10,7 +13,7 @@ import test_runs
 from conftest import Served, wait_for
 from test_runs import SLOW_REVISION, final, request
 
-from tenant_pipelines import registry, runs
+from tenant_pipelines import launcher, registry, runs
 from tenant_pipelines.launcher import (
     PID_TAG,
     PSTART_TAG,
@@ -81,3 +84,25 @@ def test_killed_worker_ends_the_run_failure(served: Served, ctx: Any, revision: 
         what="the retried run to finish the tenant",
     )
     assert done.status in registry.FINAL_STATUSES
+
+
+def test_dequeue_loop_honours_an_interval_below_half_a_second() -> None:
+    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
+        QueuedRunCoordinatorDaemon,
+    )
+
+    launcher.use_exact_dequeue_interval()
+    daemon = QueuedRunCoordinatorDaemon(interval_seconds=0.05)
+    passes: list[float] = []
+
+    def one_pass(_context: object) -> Iterator[None]:
+        passes.append(time.monotonic())
+        yield None
+
+    daemon.run_iteration = one_pass  # type: ignore[method-assign]
+    loop = daemon.core_loop(None, threading.Event())  # type: ignore[arg-type]
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        next(loop)
+    # Dagster's own loop waits in 0.5 s slices: 2 passes in this second, whatever the interval.
+    assert len(passes) >= 5, passes
