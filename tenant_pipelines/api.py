@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import auth, delivery, health, registry, runs
+from . import auth, delivery, health, readmodel, registry, runs
 from .auth import ApiError, AuthError, RateLimited, error_response
 from .registry import (
     ConflictError,
@@ -218,6 +219,8 @@ class Service:
         self.settings, self.ctx = settings, ctx
         self.openapi: dict[str, Any] = {}
         self.reads = anyio.CapacityLimiter(READ_CONCURRENCY)
+        # The status reads come from memory (tenant_pipelines/readmodel.py).
+        self.catalog = readmodel.ReadModel(settings, tenant_json)
         # optimize_for_webserver pools a single Dagster storage connection; a second
         # concurrent history read would open and close an overflow connection each time.
         self.history_lock = threading.Lock()
@@ -225,6 +228,18 @@ class Service:
     @property
     def instance(self) -> DagsterInstance:
         return self.ctx.instance
+
+    def writes(self, fn: Handler) -> Handler:
+        """``fn``, then the read model brought up to date: a client reads its own writes."""
+
+        async def wrapped(request: Request) -> Any:
+            try:
+                return await fn(request)
+            finally:
+                with contextlib.suppress(Exception):  # the poller catches up anyway
+                    await run_in_threadpool(self.catalog.refresh)
+
+        return wrapped
 
     def actor(self, request: Request) -> str:
         """Who the auth middleware says is calling (recorded in audit rows and run tags)."""
@@ -260,6 +275,9 @@ class Service:
             raise ApiError(
                 400, "bad_query", f"status must be one of {', '.join(registry.STATUSES)}"
             )
+        body = self.catalog.page(status, limit, offset)
+        if body is not None:
+            return Response(body, media_type="application/json")
         return await anyio.to_thread.run_sync(
             self._index, status, limit, offset, limiter=self.reads
         )
@@ -283,17 +301,22 @@ class Service:
     async def provisioning(self, request: Request) -> Any:
         """GET /api/tenants/{id}/provisioning: runs and steps from Dagster's run storage."""
         tenant_id = _tenant_id(request, "id")
-        return await anyio.to_thread.run_sync(self._provisioning, tenant_id, limiter=self.reads)
+        body = self.catalog.provisioning(tenant_id)
+        if body is None:
+            body = await anyio.to_thread.run_sync(self._provisioning, tenant_id, limiter=self.reads)
+        return Response(body, media_type="application/json")
 
-    def _provisioning(self, tenant_id: str) -> dict[str, Any]:
+    def _provisioning(self, tenant_id: str) -> bytes:
         # One thread hop for both reads: each hop costs more than a cached history read.
         tenant = registry.get_tenant(self.settings, tenant_id)
-        return {
+        now = time.time()
+        answer = {
             "tenant_id": tenant_id,
             "status": tenant.status,
             "correlation_id": tenant.correlation_id,
             "runs": self._history(tenant_id),
         }
+        return self.catalog.keep_provisioning(tenant, answer, now)
 
     def _history(self, tenant_id: str) -> list[dict[str, Any]]:
         with self.history_lock:
@@ -456,15 +479,23 @@ def routes(service: Service) -> list[Route]:
     out = [
         Route("/api/openapi.json", endpoint(service.openapi_json), methods=["GET"]),
         Route("/api/me", endpoint(service.whoami), methods=["GET"]),
-        Route("/api/tenants", endpoint(service.create), methods=["POST"]),
+        Route("/api/tenants", endpoint(service.writes(service.create)), methods=["POST"]),
         Route("/api/tenants", endpoint(service.index), methods=["GET"]),
         Route("/api/tenants/{id}", endpoint(service.get), methods=["GET"]),
         Route("/api/tenants/{id}/provisioning", endpoint(service.provisioning), methods=["GET"]),
         Route("/api/tenants/{id}/audit", endpoint(service.audit), methods=["GET"]),
-        Route("/api/tenants/{id}/credentials", endpoint(service.credentials), methods=["POST"]),
+        Route(
+            "/api/tenants/{id}/credentials",
+            endpoint(service.writes(service.credentials)),
+            methods=["POST"],
+        ),
     ]
     out += [
-        Route(f"/api/tenants/{{id}}/{verb}", endpoint(service.action(verb)), methods=["POST"])
+        Route(
+            f"/api/tenants/{{id}}/{verb}",
+            endpoint(service.writes(service.action(verb))),
+            methods=["POST"],
+        )
         for verb in ACTIONS
     ]
     out += [
@@ -530,9 +561,11 @@ def create_app(settings: Settings, instance: DagsterInstance) -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await run_in_threadpool(service.catalog.start)
         try:
             yield
         finally:
+            service.catalog.stop()
             stack.close()
 
     async def home(_request: Request) -> Response:

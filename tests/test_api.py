@@ -550,10 +550,15 @@ def test_status_reads_show_a_new_run_at_once_and_pages_match_the_catalog(
         wait_idle(client, admin, tenant_id)
         done = client.get(path, headers=admin.headers).json()["runs"]
         assert [r["status"] for r in done] == ["SUCCESS", "SUCCESS"]
-        # A page shows the catalog row exactly as Tenant.to_json renders it.
+
+        # A page shows the catalog row exactly as Tenant.to_json renders it, once the read
+        # model has polled the run worker's last change (readmodel.POLL_S).
+        def page_matches() -> bool:
+            tenant = registry.get_tenant(served.settings, tenant_id)
+            return listed(client, admin, tenant_id) == tenant.to_json()
+
+        wait_for(page_matches, timeout=10, interval=0.1, what="the page to match the catalog")
         tenant = registry.get_tenant(served.settings, tenant_id)
-        page = client.get("/api/tenants", params={"limit": 500}, headers=admin.headers).json()
-        assert [t for t in page["items"] if t["id"] == tenant_id] == [tenant.to_json()]
         assert api.tenant_json(tenant) == tenant.to_json()
     finally:
         drop_tenant(served, tenant_id)
@@ -1056,4 +1061,49 @@ def test_browser_logs_in_uses_the_ui_and_cannot_be_driven_by_another_origin(
     finally:
         browser.close()
         evil.shutdown()
+        drop_tenant(served, tenant_id)
+
+
+def listed(client: httpx.Client, admin: Admin, tenant_id: str) -> dict[str, Any] | None:
+    """The tenant as ``GET /api/tenants`` pages show it (None if it is on no page)."""
+    offset = 0
+    while True:
+        r = client.get(
+            "/api/tenants", params={"limit": 500, "offset": offset}, headers=admin.headers
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        for item in body["items"]:
+            if item["id"] == tenant_id:
+                return dict(item)
+        offset += len(body["items"])
+        if not body["items"] or offset >= body["total"]:
+            return None
+
+
+def test_status_reads_show_own_writes_at_once_and_other_processes_changes_soon(
+    served: Served, client: httpx.Client, admin: Admin
+) -> None:
+    tenant_id = create_tenant(client, admin)
+    try:
+        # Read-your-writes: the create answered only after the read model took it in.
+        assert listed(client, admin, tenant_id) is not None
+        wait_status(client, admin, tenant_id, "active")
+        provisioning = client.get(f"/api/tenants/{tenant_id}/provisioning", headers=admin.headers)
+        assert provisioning.json()["runs"][0]["status"] == "SUCCESS", provisioning.text
+        # A change made by another process (this test, straight into the catalog).
+        registry.set_fields(served.settings, tenant_id, status_reason="changed elsewhere")
+
+        def seen() -> bool:
+            item = listed(client, admin, tenant_id)
+            return item is not None and item["status_reason"] == "changed elsewhere"
+
+        wait_for(seen, timeout=10, interval=0.1, what="the list to show the change")
+        # A new run: its provisioning answer is read again, not served from the kept one.
+        r = client.post(f"/api/tenants/{tenant_id}/activate", json={}, headers=admin.headers)
+        assert r.status_code == 202, r.text
+        again = client.get(f"/api/tenants/{tenant_id}/provisioning", headers=admin.headers)
+        assert len(again.json()["runs"]) == 2, again.text
+        wait_status(client, admin, tenant_id, "active")
+    finally:
         drop_tenant(served, tenant_id)

@@ -1,0 +1,136 @@
+"""The API's in-memory catalog, against a real control plane (SQLite and PostgreSQL)."""
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import Tenants
+
+from tenant_pipelines import api, readmodel, registry, runs
+from tenant_pipelines.settings import Settings
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def control(request: pytest.FixtureRequest) -> Settings:
+    name = "settings" if request.param == "sqlite" else "pg_settings"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+def page(model: readmodel.ReadModel, status: str | None, limit: int, offset: int) -> Any:
+    body = model.page(status, limit, offset)
+    assert body is not None
+    return json.loads(body)
+
+
+def expected_page(settings: Settings, status: str | None, limit: int, offset: int) -> Any:
+    items, total = registry.list_tenants(settings, status, limit, offset)
+    return {
+        "items": [t.to_json() for t in items],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+def test_pages_equal_the_database_query_for_every_filter_and_offset(control: Settings) -> None:
+    t = Tenants(control)
+    ids = [t.create().id for _ in range(7)]
+    registry.transition(control, ids[2], "failed", allowed_from=("requested",), reason="x")
+    model = readmodel.ReadModel(control, api.tenant_json)
+    model.refresh()
+    for status in (None, "requested", "failed", "active"):
+        for limit, offset in ((50, 0), (3, 0), (3, 3), (2, 6), (5, 100)):
+            assert page(model, status, limit, offset) == expected_page(
+                control, status, limit, offset
+            )
+
+
+def test_another_writers_changes_and_deletes_appear_at_the_next_refresh(control: Settings) -> None:
+    t = Tenants(control)
+    model = readmodel.ReadModel(control, api.tenant_json)
+    model.refresh()
+    tenant = t.create()
+    model.refresh()
+    assert model.tenant(tenant.id) is not None
+    registry.transition(control, tenant.id, "failed", allowed_from=("requested",), reason="x")
+    model.refresh()
+    current = model.tenant(tenant.id)
+    assert current is not None and current.status == "failed"
+    with registry.engine(control).begin() as conn:
+        conn.execute(registry.tenants.delete().where(registry.tenants.c.id == tenant.id))
+    model.refresh()
+    assert model.tenant(tenant.id) is None
+    assert page(model, None, 50, 0) == expected_page(control, None, 50, 0)
+
+
+def test_a_row_written_with_an_old_updated_at_is_still_found(control: Settings) -> None:
+    t = Tenants(control)
+    t.create()
+    model = readmodel.ReadModel(control, api.tenant_json)
+    model.refresh()
+    late = t.create()
+    long_ago = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    with registry.engine(control).begin() as conn:
+        conn.execute(
+            registry.tenants.update()
+            .where(registry.tenants.c.id == late.id)
+            .values(updated_at=long_ago, created_at=long_ago)
+        )
+    model.refresh()
+    assert model.tenant(late.id) is not None
+
+
+def provisioning_body(tenant: registry.Tenant, status: str, ended: float | None) -> dict[str, Any]:
+    end = dt.datetime.fromtimestamp(ended, dt.UTC).isoformat() if ended else None
+    return {
+        "tenant_id": tenant.id,
+        "status": tenant.status,
+        "correlation_id": tenant.correlation_id,
+        "runs": [{"run_id": "r1", "status": status, "end": end, "steps": []}],
+    }
+
+
+def test_a_provisioning_answer_is_kept_only_while_settled_and_the_tenant_unchanged(
+    settings: Settings,
+) -> None:
+    t = Tenants(settings)
+    tenant = t.create()
+    model = readmodel.ReadModel(settings, api.tenant_json)
+    model.refresh()
+    now = time.time()
+    in_flight = provisioning_body(tenant, "STARTED", None)
+    model.keep_provisioning(tenant, in_flight, now)
+    assert model.provisioning(tenant.id) is None
+    just_ended = provisioning_body(tenant, "SUCCESS", now - 1)
+    model.keep_provisioning(tenant, just_ended, now)
+    assert model.provisioning(tenant.id) is None  # its last events may still be written
+    settled = provisioning_body(tenant, "SUCCESS", now - runs.SETTLED_AFTER_S - 1)
+    encoded = model.keep_provisioning(tenant, settled, now)
+    assert model.provisioning(tenant.id) == encoded
+    assert json.loads(encoded) == settled
+    registry.transition(settings, tenant.id, "failed", allowed_from=("requested",), reason="x")
+    model.refresh()
+    assert model.provisioning(tenant.id) is None  # a new status, maybe a new run: read again
+
+
+def test_the_poller_picks_up_changes_by_itself(settings: Settings) -> None:
+    t = Tenants(settings)
+    model = readmodel.ReadModel(settings, api.tenant_json)
+    model.start()
+    try:
+        tenant = t.create()
+        deadline = time.monotonic() + 10
+        while model.tenant(tenant.id) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert model.tenant(tenant.id) is not None
+    finally:
+        model.stop()
+
+
+def test_the_updated_at_index_exists(control: Settings) -> None:
+    with registry.engine(control).connect() as conn:
+        indexes = sa.inspect(conn).get_indexes("tenants")
+    assert any(ix["column_names"] == ["updated_at"] for ix in indexes)
