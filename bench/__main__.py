@@ -515,6 +515,66 @@ def status_reads(svc: Service, clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
+WRK_KINDS = {
+    "provisioning": 'wrk.format("GET", "/api/tenants/" .. ids[math.random(#ids)] .. '
+    '"/provisioning", h)',
+    "list": 'wrk.format("GET", "/api/tenants?limit=50&offset=" .. math.random(0, pages), h)',
+}
+
+
+def _wrk_ms(text: str) -> float:
+    """A wrk latency ("812.00us", "4.82ms", "1.23s") in milliseconds."""
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    raise ValueError(text)
+
+
+def status_reads_wrk(svc: Service, clients: int, seconds: float) -> dict[str, Any]:
+    """The status reads with ``wrk`` (C, one thread): ``clients`` connections for ``seconds``
+    per kind. A Python client on the same 2 cores saturates long before the service does
+    (about 3.5 ms of client CPU per request with httpx), so its latencies are its own."""
+    ids = ",".join(f'"{i}"' for i in svc._ids)
+    out: dict[str, Any] = {}
+    for kind, call in WRK_KINDS.items():
+        script = svc.data_dir / f"{kind}.lua"
+        script.write_text(
+            f"local ids = {{{ids}}}\nlocal pages = {max(0, len(svc._ids) - 50)}\n"
+            f'request = function()\n  local h = {{["Authorization"] = "Bearer {svc.token}"}}\n'
+            f"  return {call}\nend\n"
+        )
+        args = ["wrk", "-t1", f"-c{clients}", "--latency", "-s", str(script), svc.url]
+        subprocess.run([*args[:3], "-d2s", *args[3:]], capture_output=True, check=True)  # warm
+        text = subprocess.run(
+            [*args[:3], f"-d{seconds:.0f}s", *args[3:]], capture_output=True, check=True
+        ).stdout.decode()
+        lat = {}
+        errors = 0
+        rps = 0.0
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] in ("50%", "75%", "90%", "99%"):
+                lat["p" + parts[0][:-1]] = _wrk_ms(parts[1])
+            elif line.startswith("Requests/sec:"):
+                rps = float(parts[1])
+            elif line.strip().startswith("Non-2xx"):
+                errors += int(parts[-1])
+            elif line.strip().startswith("Socket errors:"):
+                errors += sum(int(x.rstrip(",")) for x in parts[3::2])
+        out[kind] = {**lat, "rps": rps, "errors": errors, "client": "wrk", "raw": text}
+    return out
+
+
+def reads_of(svc: Service, clients: int, seconds: float) -> dict[str, Any]:
+    """Status reads with wrk when it is installed (apt install wrk), else the Python client."""
+    if shutil.which("wrk"):
+        return status_reads_wrk(svc, clients, seconds)
+    out = status_reads(svc, clients, seconds)
+    for kind in out:
+        out[kind]["client"] = "httpx"
+    return out
+
+
 def fill(svc: Service, target: int, batch: int) -> None:
     """Create tenants through the API in bursts of ``batch`` until ``target`` exist."""
     while len(svc._ids) + 1 < target:
@@ -645,7 +705,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         res["create_active_s"] = summary(lat)
         res["create_active_s"]["ratio_p50_floor"] = pct(lat, 50) / pct(fl, 50)
         res["create_active_s"]["loadavg"] = loadavg()
-        reads = timed("status reads", lambda: status_reads(svc, a.clients, a.growth_seconds))
+        reads = timed("status reads", lambda: reads_of(svc, a.clients, a.growth_seconds))
         growth.append(
             {
                 "tenants": len(svc._ids) + 1,
@@ -669,7 +729,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
                 f"{a.growth_sequential} sequential", lambda: sequential(svc, a.growth_sequential)
             )
             secs = a.read_seconds if point == points[-1] else a.growth_seconds
-            reads = timed("status reads", functools.partial(status_reads, svc, a.clients, secs))
+            reads = timed("status reads", functools.partial(reads_of, svc, a.clients, secs))
             growth.append(
                 {
                     "tenants": len(svc._ids) + 1,

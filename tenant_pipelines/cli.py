@@ -8,6 +8,7 @@ Errors are one line on stderr and a non-zero exit, never a traceback.
 import argparse
 import contextlib
 import datetime as dt
+import gc
 import getpass
 import json
 import os
@@ -282,6 +283,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             f"tenant-pipelines on http://{host}:{port}  (Dagster UI: /dagster, API: /api)",
             flush=True,
         )
+        # Everything loaded so far (Dagster, the UI's schema, our code) lives as long as the
+        # process: out of the collector's sight, full collections stop pausing the API for
+        # tens of milliseconds (p99 of the status reads, docs/performance.md).
+        gc.collect()
+        gc.freeze()
         uvicorn.run(app, host=host, port=port, log_level="warning")
     except _Terminated:
         pass
