@@ -156,19 +156,24 @@ def memory(root: int) -> dict[str, Any]:
 
 
 class MemorySampler:
-    """Samples the service's memory every ``interval`` seconds in a thread; keeps the peak."""
+    """Samples the service's memory and PostgreSQL's connection count every ``interval``
+    seconds in a thread; keeps the peaks."""
 
     def __init__(self, root: int, interval: float = 1.0) -> None:
         self.root, self.interval = root, interval
         self.peak: dict[str, Any] = {"rss_mb": 0.0, "pss_mb": 0.0}
+        self.peak_connections = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            m = memory(self.root)
-            if m["pss_mb"] > self.peak["pss_mb"]:
-                self.peak = m
+        with psycopg.connect(PG_LIBPQ, autocommit=True) as conn:
+            while not self._stop.wait(self.interval):
+                m = memory(self.root)
+                if m["pss_mb"] > self.peak["pss_mb"]:
+                    self.peak = m
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
+                self.peak_connections = max(self.peak_connections, int(row[0]) if row else 0)
 
     def __enter__(self) -> MemorySampler:
         self._thread.start()
@@ -721,6 +726,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
             res["burst"] = timed(f"burst of {a.burst}", lambda: burst(svc, a.burst))
         res["burst"]["loadavg"] = loadavg()
         res["memory_burst_peak"] = sampler.peak
+        res["burst"]["peak_pg_connections"] = sampler.peak_connections
         for point in points[1:]:
             timed(f"fill to {point}", functools.partial(fill, svc, point, a.batch))
             if point == points[-1] and a.history_runs:
@@ -763,7 +769,8 @@ def table(res: dict[str, Any]) -> str:
     rows.append(
         (
             f"burst {b['n']}: all active",
-            f"{b['all_active_s']:.1f} s ({b['tenants_per_minute']:.0f}/min)",
+            f"{b['all_active_s']:.1f} s ({b['tenants_per_minute']:.0f}/min), "
+            f"peak {b.get('peak_pg_connections', '?')} PostgreSQL connections",
         )
     )
     rows.append(("re-verify p50", f"{res['reverify_s']['p50']:.2f} s"))

@@ -47,11 +47,12 @@ DAGSTER_PREFIX = "/dagster"
 GRAPHQL_PATH = DAGSTER_PREFIX + "/graphql"
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 500
-# What `dagster-webserver` passes to DagsterInstance.optimize_for_webserver by default: a
-# pooled storage connection and a statement timeout instead of a new connection per query.
+# As `dagster-webserver` calls DagsterInstance.optimize_for_webserver: a pooled storage
+# connection and a statement timeout instead of a new connection per query; the overflow is
+# 4 rather than its 20 to keep a whole service inside max_connections (docs/production.md).
 DB_STATEMENT_TIMEOUT_MS = 15000
 DB_POOL_RECYCLE_S = 3600
-DB_POOL_MAX_OVERFLOW = 20
+DB_POOL_MAX_OVERFLOW = 4
 # Status reads run at most this many at a time (of Starlette's 40 threads): more threads only
 # contend for the GIL, and past the storage pools' sizes each extra one opens a connection.
 READ_CONCURRENCY = 4

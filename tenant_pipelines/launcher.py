@@ -357,7 +357,7 @@ class FloatIntervalQueuedRunCoordinator(QueuedRunCoordinator):
         opens several PostgreSQL connections per tick. This is the one hook of ours that the
         daemon's instance passes through."""
         super().register_instance(instance)
-        pool_storage(instance, max_overflow=20)
+        pool_storage(instance, max_overflow=4)
 
     @classmethod
     def config_type(cls) -> UserConfigSchema:

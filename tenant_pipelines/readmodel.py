@@ -13,8 +13,8 @@ process's change is visible here within about ``POLL_S``; this process's own wri
 :meth:`ReadModel.refresh` before they answer, so a client reads its own writes.
 
 A provisioning answer is kept per tenant while the tenant row is unchanged and every run in
-it has settled (finished more than ``runs.SETTLED_AFTER_S`` ago); anything in flight is read
-from Dagster each time.
+it has settled (finished more than ``runs.SETTLED_AFTER_S`` ago); one with a run in flight
+is kept for ``POLL_S`` at most, as fresh as the rest of this model.
 """
 
 import bisect
@@ -80,7 +80,8 @@ class ReadModel:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Oldest first; bounded so that memory does not grow with every tenant.
-        self._provisioning: OrderedDict[str, tuple[tuple[Any, ...], bytes]] = OrderedDict()
+        # tenant id -> (tenant key, body, time.time() after which it must be read again)
+        self._provisioning: OrderedDict[str, tuple[tuple[Any, ...], bytes, float]] = OrderedDict()
 
     # --- lifecycle
     def start(self) -> None:
@@ -165,17 +166,19 @@ class ReadModel:
         """A kept provisioning answer for the tenant, if still valid."""
         tenant = self.tenant(tenant_id)
         kept = self._provisioning.get(tenant_id)
-        if tenant is None or kept is None or kept[0] != _key(tenant):
+        if tenant is None or kept is None or kept[0] != _key(tenant) or time.time() > kept[2]:
             return None
         return kept[1]
 
     def keep_provisioning(self, tenant: registry.Tenant, body: dict[str, Any], now: float) -> bytes:
-        """Encode a provisioning answer; keep it if nothing in it can still change."""
+        """Encode a provisioning answer and keep it: until the tenant row changes if every run
+        in it has settled, else for ``POLL_S`` (the freshness of everything else here)."""
         encoded = dumps(body)
         current = self.tenant(tenant.id)
-        if current is not None and _key(current) == _key(tenant) and _settled(body, now):
+        if current is not None and _key(current) == _key(tenant):
+            until = float("inf") if _settled(body, now) else now + POLL_S
             with self._lock:
-                self._provisioning[tenant.id] = (_key(tenant), encoded)
+                self._provisioning[tenant.id] = (_key(tenant), encoded, until)
                 while len(self._provisioning) > PROVISIONING_KEPT:
                     self._provisioning.popitem(last=False)
         return encoded

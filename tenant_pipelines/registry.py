@@ -201,7 +201,10 @@ def _make_engine(settings: Settings) -> Engine:
             cur.close()
 
         return eng
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # At most 10 per process (API, daemon, code server, each run worker): with the storage
+    # pools, a whole service stays well inside PostgreSQL's default max_connections of 100
+    # (docs/production.md, "Connections"); a busy pool makes callers wait, not fail.
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
 def upgrade(settings: Settings) -> None:

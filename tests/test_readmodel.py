@@ -93,7 +93,7 @@ def provisioning_body(tenant: registry.Tenant, status: str, ended: float | None)
     }
 
 
-def test_a_provisioning_answer_is_kept_only_while_settled_and_the_tenant_unchanged(
+def test_a_provisioning_answer_is_kept_briefly_in_flight_and_while_settled_and_unchanged(
     settings: Settings,
 ) -> None:
     t = Tenants(settings)
@@ -102,14 +102,20 @@ def test_a_provisioning_answer_is_kept_only_while_settled_and_the_tenant_unchang
     model.refresh()
     now = time.time()
     in_flight = provisioning_body(tenant, "STARTED", None)
-    model.keep_provisioning(tenant, in_flight, now)
+    encoded = model.keep_provisioning(tenant, in_flight, now)
+    assert model.provisioning(tenant.id) == encoded  # reused for readmodel.POLL_S at most
+    time.sleep(readmodel.POLL_S + 0.05)
     assert model.provisioning(tenant.id) is None
+    now = time.time()
     just_ended = provisioning_body(tenant, "SUCCESS", now - 1)
     model.keep_provisioning(tenant, just_ended, now)
+    time.sleep(readmodel.POLL_S + 0.05)
     assert model.provisioning(tenant.id) is None  # its last events may still be written
+    now = time.time()
     settled = provisioning_body(tenant, "SUCCESS", now - runs.SETTLED_AFTER_S - 1)
     encoded = model.keep_provisioning(tenant, settled, now)
-    assert model.provisioning(tenant.id) == encoded
+    time.sleep(readmodel.POLL_S + 0.05)
+    assert model.provisioning(tenant.id) == encoded  # for as long as the tenant is unchanged
     assert json.loads(encoded) == settled
     registry.transition(settings, tenant.id, "failed", allowed_from=("requested",), reason="x")
     model.refresh()
