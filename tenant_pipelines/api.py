@@ -221,7 +221,7 @@ class Service:
         self.openapi: dict[str, Any] = {}
         self.reads = anyio.CapacityLimiter(READ_CONCURRENCY)
         # The status reads come from memory (tenant_pipelines/readmodel.py).
-        self.catalog = readmodel.ReadModel(settings, tenant_json)
+        self.catalog = readmodel.ReadModel(settings, tenant_json, self._provisioning)
         # optimize_for_webserver pools a single Dagster storage connection; a second
         # concurrent history read would open and close an overflow connection each time.
         self.history_lock = threading.Lock()

@@ -14,7 +14,9 @@ process's change is visible here within about ``POLL_S``; this process's own wri
 
 A provisioning answer is kept per tenant while the tenant row is unchanged and every run in
 it has settled (finished more than ``runs.SETTLED_AFTER_S`` ago); one with a run in flight
-is kept for ``POLL_S`` at most, as fresh as the rest of this model.
+is kept for ``POLL_S`` at most, as fresh as the rest of this model. A second thread computes
+the answers of tenants with no run in flight ahead of time, so after a start or a change the
+first read does not wait for Dagster's run storage.
 """
 
 import bisect
@@ -38,6 +40,9 @@ FULL_RELOAD_S = 60.0
 # Rows committed late carry an updated_at a little older than the newest one already seen.
 OVERLAP = dt.timedelta(seconds=5)
 PROVISIONING_KEPT = 20_000
+# Provisioning answers computed ahead between two looks at the stop flag.
+WARM_BATCH = 20
+IN_FLIGHT = ("requested", "provisioning")
 FINAL_RUN_STATUSES = ("SUCCESS", "FAILURE", "CANCELED")
 
 
@@ -70,15 +75,23 @@ class Snapshot:
 class ReadModel:
     """The catalog in memory, kept current by a polling thread (see the module docstring)."""
 
-    def __init__(self, settings: Settings, encode: Callable[[registry.Tenant], dict[str, Any]]):
+    def __init__(
+        self,
+        settings: Settings,
+        encode: Callable[[registry.Tenant], dict[str, Any]],
+        provision_reader: Callable[[str], bytes] | None = None,
+    ):
         self.settings, self.encode = settings, encode
+        # Computes (and keeps, through keep_provisioning) a tenant's provisioning answer: the
+        # poller warms settled tenants with it, so a first read is not a database read.
+        self.provision_reader = provision_reader
         self.snapshot: Snapshot | None = None
         self._signature: tuple[int, dt.datetime | None] | None = None
         self._since: dt.datetime | None = None
         self._full_at = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         # Oldest first; bounded so that memory does not grow with every tenant.
         # tenant id -> (tenant key, body, time.time() after which it must be read again)
         self._provisioning: OrderedDict[str, tuple[tuple[Any, ...], bytes, float]] = OrderedDict()
@@ -87,13 +100,17 @@ class ReadModel:
     def start(self) -> None:
         """Load the catalog, then keep it current in a daemon thread."""
         self.refresh()
-        self._thread = threading.Thread(target=self._loop, name="tp-readmodel", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name="tp-readmodel", daemon=True),
+            threading.Thread(target=self._warm_loop, name="tp-readmodel-warm", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _loop(self) -> None:
         log = get_logger()
@@ -102,6 +119,38 @@ class ReadModel:
                 self.refresh()
             except Exception as exc:  # the database may be away; serve what we have
                 log.warning("read model refresh failed: %s", type(exc).__name__)
+
+    def _warm_loop(self) -> None:
+        # Its own thread: warming after a start takes seconds, refreshing must not wait.
+        log = get_logger()
+        while not self._stop.is_set():
+            try:
+                done = self.warm(WARM_BATCH)
+            except Exception as exc:
+                log.warning("read model warm-up failed: %s", type(exc).__name__)
+                done = 0
+            if not done:
+                self._stop.wait(POLL_S)
+
+    def warm(self, most: int) -> int:
+        """Compute up to ``most`` provisioning answers that are missing or out of date, for
+        tenants with no run in flight (those are read on demand); returns how many."""
+        snap = self.snapshot
+        if snap is None or self.provision_reader is None:
+            return 0
+        done = 0
+        for tenant_id in snap.ids:
+            if done >= most or self._stop.is_set():
+                break
+            tenant = snap.tenants[tenant_id]
+            if tenant.status in IN_FLIGHT:
+                continue
+            kept = self._provisioning.get(tenant_id)
+            if kept is not None and kept[0] == _key(tenant):
+                continue  # current, or a recent run not settled yet: read on demand until then
+            self.provision_reader(tenant_id)
+            done += 1
+        return done
 
     # --- keeping current
     def refresh(self) -> None:

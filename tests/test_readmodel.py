@@ -140,3 +140,30 @@ def test_the_updated_at_index_exists(control: Settings) -> None:
     with registry.engine(control).connect() as conn:
         indexes = sa.inspect(conn).get_indexes("tenants")
     assert any(ix["column_names"] == ["updated_at"] for ix in indexes)
+
+
+def test_warm_up_computes_each_settled_tenant_once_and_leaves_runs_in_flight(
+    settings: Settings,
+) -> None:
+    t = Tenants(settings)
+    settled = t.create()
+    registry.transition(settings, settled.id, "failed", allowed_from=("requested",), reason="x")
+    in_flight = t.create()  # requested: its run has not started
+    computed: list[str] = []
+
+    def read(tenant_id: str) -> bytes:
+        computed.append(tenant_id)
+        tenant = registry.get_tenant(settings, tenant_id)
+        body = provisioning_body(tenant, "FAILURE", time.time() - runs.SETTLED_AFTER_S - 1)
+        return model.keep_provisioning(tenant, body, time.time())
+
+    model = readmodel.ReadModel(settings, api.tenant_json, read)
+    model.refresh()
+    assert model.warm(10) == 1
+    assert computed == [settled.id]
+    assert model.provisioning(settled.id) is not None
+    assert model.provisioning(in_flight.id) is None
+    assert model.warm(10) == 0  # nothing changed: nothing to compute
+    registry.set_fields(settings, settled.id, status_reason="changed")
+    model.refresh()
+    assert model.warm(10) == 1 and computed == [settled.id, settled.id]
