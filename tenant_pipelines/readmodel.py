@@ -15,8 +15,9 @@ process's change is visible here within about ``POLL_S``; this process's own wri
 A provisioning answer is kept per tenant while the tenant row is unchanged and every run in
 it has settled (finished more than ``runs.SETTLED_AFTER_S`` ago); one with a run in flight
 is kept for ``POLL_S`` at most, as fresh as the rest of this model. A second thread computes
-the answers of tenants with no run in flight ahead of time, so after a start or a change the
-first read does not wait for Dagster's run storage.
+the answers of tenants with no run in flight ahead of time, after a start or a change, and
+again while their last run settles (readers get the previous answer meanwhile, which can
+only lag on that run's final events), so such reads never wait for Dagster's run storage.
 """
 
 import bisect
@@ -146,8 +147,8 @@ class ReadModel:
             if tenant.status in IN_FLIGHT:
                 continue
             kept = self._provisioning.get(tenant_id)
-            if kept is not None and kept[0] == _key(tenant):
-                continue  # current, or a recent run not settled yet: read on demand until then
+            if kept is not None and kept[0] == _key(tenant) and time.time() <= kept[2]:
+                continue
             self.provision_reader(tenant_id)
             done += 1
         return done
@@ -215,8 +216,12 @@ class ReadModel:
         """A kept provisioning answer for the tenant, if still valid."""
         tenant = self.tenant(tenant_id)
         kept = self._provisioning.get(tenant_id)
-        if tenant is None or kept is None or kept[0] != _key(tenant) or time.time() > kept[2]:
+        if tenant is None or kept is None or kept[0] != _key(tenant):
             return None
+        if time.time() > kept[2] and tenant.status in IN_FLIGHT:
+            return None
+        # Past its time but with no run in flight: only the last run's final events can still
+        # arrive; the warm-up thread reads it again, readers get this one meanwhile.
         return kept[1]
 
     def keep_provisioning(self, tenant: registry.Tenant, body: dict[str, Any], now: float) -> bytes:

@@ -167,3 +167,23 @@ def test_warm_up_computes_each_settled_tenant_once_and_leaves_runs_in_flight(
     registry.set_fields(settings, settled.id, status_reason="changed")
     model.refresh()
     assert model.warm(10) == 1 and computed == [settled.id, settled.id]
+
+
+def test_a_finished_tenants_unsettled_answer_is_served_while_the_warm_up_reads_it_again(
+    settings: Settings,
+) -> None:
+    t = Tenants(settings)
+    done = t.create()
+    registry.transition(settings, done.id, "failed", allowed_from=("requested",), reason="x")
+    done = registry.get_tenant(settings, done.id)
+    model = readmodel.ReadModel(settings, api.tenant_json)
+    model.refresh()
+    now = time.time()
+    encoded = model.keep_provisioning(done, provisioning_body(done, "STARTED", None), now)
+    time.sleep(readmodel.POLL_S + 0.05)
+    # Not in flight (failed): the last answer is served, not a database read per request...
+    assert model.provisioning(done.id) == encoded
+    computed: list[str] = []
+    model.provision_reader = computed.append  # type: ignore[assignment]
+    # ...and the warm-up reads it again until its run has settled.
+    assert model.warm(10) == 1 and computed == [done.id]
