@@ -94,8 +94,11 @@ class ReadModel:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         # Oldest first; bounded so that memory does not grow with every tenant.
-        # tenant id -> (tenant key, body, time.time() after which it must be read again)
-        self._provisioning: OrderedDict[str, tuple[tuple[Any, ...], bytes, float]] = OrderedDict()
+        # tenant id -> (tenant key, body, time.time() after which it must be read again,
+        # time.time() when its reading began)
+        self._provisioning: OrderedDict[str, tuple[tuple[Any, ...], bytes, float, float]] = (
+            OrderedDict()
+        )
 
     # --- lifecycle
     def start(self) -> None:
@@ -232,7 +235,10 @@ class ReadModel:
         if current is not None and _key(current) == _key(tenant):
             until = float("inf") if _settled(body, now) else now + POLL_S
             with self._lock:
-                self._provisioning[tenant.id] = (_key(tenant), encoded, until)
+                kept = self._provisioning.get(tenant.id)
+                # Two readings can overlap (a request and the warm-up): the later one wins.
+                if kept is None or kept[0] != _key(tenant) or kept[3] <= now:
+                    self._provisioning[tenant.id] = (_key(tenant), encoded, until, now)
                 while len(self._provisioning) > PROVISIONING_KEPT:
                     self._provisioning.popitem(last=False)
         return encoded

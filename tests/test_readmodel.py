@@ -187,3 +187,7 @@ def test_a_finished_tenants_unsettled_answer_is_served_while_the_warm_up_reads_i
     model.provision_reader = computed.append  # type: ignore[assignment]
     # ...and the warm-up reads it again until its run has settled.
     assert model.warm(10) == 1 and computed == [done.id]
+    # A reading that began earlier never replaces a later one (a request and the warm-up).
+    newer = model.keep_provisioning(done, provisioning_body(done, "SUCCESS", now), now + 1)
+    model.keep_provisioning(done, provisioning_body(done, "STARTED", None), now + 0.5)
+    assert model.provisioning(done.id) == newer
