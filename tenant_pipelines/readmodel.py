@@ -83,6 +83,9 @@ class ReadModel:
         provision_reader: Callable[[str], bytes] | None = None,
     ):
         self.settings, self.encode = settings, encode
+        # One connection of its own (made at the first refresh): polling must not queue
+        # behind busy request threads.
+        self._engine: sa.Engine | None = None
         # Computes (and keeps, through keep_provisioning) a tenant's provisioning answer: the
         # poller warms settled tenants with it, so a first read is not a database read.
         self.provision_reader = provision_reader
@@ -115,6 +118,8 @@ class ReadModel:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._engine is not None:
+            self._engine.dispose()
 
     def _loop(self) -> None:
         log = get_logger()
@@ -167,7 +172,9 @@ class ReadModel:
     def _refresh(self, full: bool) -> bool:
         t = registry.tenants
         full = full or self.snapshot is None or time.monotonic() - self._full_at > FULL_RELOAD_S
-        with registry.engine(self.settings).connect() as conn:
+        if self._engine is None:
+            self._engine = registry.new_engine(self.settings, pool_size=1, max_overflow=0)
+        with self._engine.connect() as conn:
             count, newest = conn.execute(
                 sa.select(sa.func.count(), sa.func.max(t.c.updated_at))
             ).one()

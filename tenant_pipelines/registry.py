@@ -180,12 +180,14 @@ def engine(settings: Settings) -> Engine:
     with _engines_lock:
         eng = _engines.get(settings.control_url)
         if eng is None:
-            eng = _make_engine(settings)
+            eng = new_engine(settings)
             _engines[settings.control_url] = eng
         return eng
 
 
-def _make_engine(settings: Settings) -> Engine:
+def new_engine(settings: Settings, pool_size: int = 5, max_overflow: int = 5) -> Engine:
+    """A control-plane engine of its own, for a caller that must not wait for :func:`engine`'s
+    pool (the API's read model); everything else shares :func:`engine`."""
     url = sa.make_url(settings.control_url)
     if url.get_backend_name() == "sqlite":
         Path(url.database or "").parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +206,7 @@ def _make_engine(settings: Settings) -> Engine:
     # At most 10 per process (API, daemon, code server, each run worker): with the storage
     # pools, a whole service stays well inside PostgreSQL's default max_connections of 100
     # (docs/production.md, "Connections"); a busy pool makes callers wait, not fail.
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
 
 
 def upgrade(settings: Settings) -> None:

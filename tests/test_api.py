@@ -521,10 +521,15 @@ def test_create_returns_202_with_status_and_correlation_and_history_reads_dagste
             assert step["start"] and step["end"] and step["duration_s"] is not None
         events = client.get(f"/api/tenants/{tenant_id}/audit", headers=admin.headers).json()
         assert events["events"][0]["actor"].startswith("token:")
-        page = client.get(
-            "/api/tenants", params={"status": "active", "limit": 500}, headers=admin.headers
-        ).json()
-        assert tenant_id in [t["id"] for t in page["items"]] or page["total"] > 500
+
+        def listed_active() -> bool:
+            page = client.get(
+                "/api/tenants", params={"status": "active", "limit": 500}, headers=admin.headers
+            ).json()
+            return tenant_id in [t["id"] for t in page["items"]] or page["total"] > 500
+
+        # The run worker moved it to active: the list shows it within readmodel.POLL_S.
+        wait_for(listed_active, timeout=10, interval=0.1, what="the list to show it active")
     finally:
         drop_tenant(served, tenant_id)
 
