@@ -20,7 +20,6 @@ again while their last run settles (readers get the previous answer meanwhile, w
 only lag on that run's final events), so such reads never wait for Dagster's run storage.
 """
 
-import bisect
 import datetime as dt
 import json
 import threading
@@ -198,7 +197,7 @@ class ReadModel:
             tenants[x.id] = x
             encoded[x.id] = dumps(self.encode(x))
         if added:
-            ids = sorted([*ids, *added]) if len(added) > 8 else _insort(ids, added)
+            ids = sorted([*ids, *added])  # timsort: linear on a sorted list plus a few
         if not full and len(tenants) != signature[0]:
             return False
         if full:
@@ -249,13 +248,6 @@ class ReadModel:
                 while len(self._provisioning) > PROVISIONING_KEPT:
                     self._provisioning.popitem(last=False)
         return encoded
-
-
-def _insort(ids: list[str], added: list[str]) -> list[str]:
-    out = list(ids)
-    for i in added:
-        bisect.insort(out, i)
-    return out
 
 
 def _key(tenant: registry.Tenant) -> tuple[Any, ...]:
