@@ -85,6 +85,10 @@ LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 # the cache at once; one made by another process (``tenantctl admin token revoke``, another
 # service worker) takes effect here within this many seconds.
 PRINCIPAL_TTL_S = 5.0
+# A token in use is read again in the background this long before its entry expires, so
+# that busy clients never all miss at once (50 of them used to queue for the database
+# together every PRINCIPAL_TTL_S). The window above stays as it is.
+REFRESH_AHEAD_S = 1.0
 PRINCIPAL_CACHE_SIZE = 10_000
 
 metadata = sa.MetaData()
@@ -626,12 +630,15 @@ class PrincipalCache:
     Keyed by the token's SHA-256 (as stored) and the control-plane URL. Only live
     credentials are kept, never past their own expiry. :meth:`clear` bumps a generation, so a
     lookup that started before a revocation cannot put its stale answer back afterwards.
+    :meth:`claim_refresh` hands one caller per entry the job of reading a token in use again
+    before its entry expires.
     """
 
     def __init__(self, ttl_s: float = PRINCIPAL_TTL_S, size: int = PRINCIPAL_CACHE_SIZE) -> None:
         self.ttl_s, self.size = ttl_s, size
         self.generation = 0
-        self._entries: OrderedDict[tuple[str, str], tuple[Principal, float]] = OrderedDict()
+        # key -> (principal, time.monotonic() it expires, a refresh was claimed)
+        self._entries: OrderedDict[tuple[str, str], tuple[Principal, float, bool]] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -666,10 +673,26 @@ class PrincipalCache:
         with self._lock:
             if generation != self.generation:
                 return
-            self._entries[key] = (principal, until)
+            self._entries[key] = (principal, until, False)
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+
+    def claim_refresh(self, settings: Settings, token: str) -> bool:
+        """True for the first caller once ``token``'s entry is within :data:`REFRESH_AHEAD_S`
+        of expiring; that caller reads the token again (and :meth:`put` or :meth:`forget`)."""
+        key = self._key(settings, token)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[2] or entry[1] - time.monotonic() > REFRESH_AHEAD_S:
+                return False
+            self._entries[key] = (entry[0], entry[1], True)
+            return True
+
+    def forget(self, settings: Settings, token: str) -> None:
+        """Drop ``token``'s entry (a refresh found it no longer valid)."""
+        with self._lock:
+            self._entries.pop(self._key(settings, token), None)
 
     def clear(self) -> None:
         """Forget every entry: called on every revocation in this process."""
@@ -805,6 +828,9 @@ class AuthMiddleware:
 
     def __init__(self, app: ASGIApp, settings: Settings, graphql_path: str) -> None:
         self.app, self.settings, self.graphql_path = app, settings, graphql_path
+        # One database lookup per Bearer token at a time; concurrent callers share it.
+        self._lookups: dict[tuple[int, str], asyncio.Future[Principal | None]] = {}
+        self._refreshes: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -834,7 +860,11 @@ class AuthMiddleware:
             # A cached Bearer principal skips the thread hop and the database read.
             principal = principals.get(self.settings, bearer) if bearer else None
             if principal is None:
-                principal = await run_in_threadpool(self._authenticate, bearer, cookies)
+                principal = await self._lookup(bearer, cookies)
+            elif bearer and principals.claim_refresh(self.settings, bearer):
+                task = asyncio.create_task(self._refresh(bearer))
+                self._refreshes.add(task)
+                task.add_done_callback(self._refreshes.discard)
         except Exception:  # a broken auth store must neither leak details nor let anyone in
             get_logger().exception("authentication store unavailable")
             await self._deny(
@@ -889,6 +919,35 @@ class AuthMiddleware:
         scope["tp.principal"] = principal
         scope["tp.actor"] = principal.actor
         await self.app(scope, receive, send)
+
+    async def _lookup(self, bearer: str | None, cookies: Mapping[str, str]) -> Principal | None:
+        if not bearer:
+            return await run_in_threadpool(self._authenticate, bearer, cookies)
+        key = (id(asyncio.get_running_loop()), identity.token_hash(bearer))
+        shared = self._lookups.get(key)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+        self._lookups[key] = future
+        try:
+            principal = await run_in_threadpool(self._authenticate, bearer, cookies)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the callers waiting on it get it too
+            raise
+        finally:
+            del self._lookups[key]
+        future.set_result(principal)
+        return principal
+
+    async def _refresh(self, bearer: str) -> None:
+        try:
+            principal = await run_in_threadpool(self._authenticate, bearer, {})
+        except Exception:  # the entry expires on time; the next miss reports the failure
+            get_logger().warning("background token refresh failed")
+            return
+        if principal is None:
+            principals.forget(self.settings, bearer)
 
     def _authenticate(self, bearer: str | None, cookies: Mapping[str, str]) -> Principal | None:
         if bearer is not None:

@@ -16,8 +16,8 @@ A provisioning answer is kept per tenant while the tenant row is unchanged and e
 it has settled (finished more than ``runs.SETTLED_AFTER_S`` ago); one with a run in flight
 is kept for ``POLL_S`` at most, as fresh as the rest of this model. A second thread computes
 the answers of tenants with no run in flight ahead of time, after a start or a change, and
-again while their last run settles (readers get the previous answer meanwhile, which can
-only lag on that run's final events), so such reads never wait for Dagster's run storage.
+once more when their last run has settled (readers get the previous answer meanwhile, which
+can only lag on that run's final events), so such reads never wait for Dagster's run storage.
 """
 
 import datetime as dt
@@ -239,7 +239,7 @@ class ReadModel:
         encoded = dumps(body)
         current = self.tenant(tenant.id)
         if current is not None and _key(current) == _key(tenant):
-            until = float("inf") if _settled(body, now) else now + POLL_S
+            until = _kept_until(tenant, body, now)
             with self._lock:
                 kept = self._provisioning.get(tenant.id)
                 # Two readings can overlap (a request and the warm-up): the later one wins.
@@ -254,13 +254,26 @@ def _key(tenant: registry.Tenant) -> tuple[Any, ...]:
     return (tenant.updated_at, tenant.status, tenant.run_id)
 
 
-def _settled(body: dict[str, Any], now: float) -> bool:
+def _kept_until(tenant: registry.Tenant, body: dict[str, Any], now: float) -> float:
+    """When a provisioning answer must be read again (``time.time()``).
+
+    Every run settled: never, until the tenant row changes. A run in flight, or a tenant whose
+    status says one is coming: after ``POLL_S``. Every run finished but the last one not
+    settled yet: once, when it has settled; its reader gets this answer meanwhile (see
+    :meth:`ReadModel.provisioning`). Reading it every ``POLL_S`` instead kept the warm-up
+    thread busy for ten seconds after each burst, and readers on the event loop waited for
+    the GIL behind it.
+    """
     from .runs import SETTLED_AFTER_S
 
+    last_end = 0.0
     for run in body["runs"]:
-        if run.get("status") not in FINAL_RUN_STATUSES:
-            return False
         ended = run.get("end")
-        if not ended or now - dt.datetime.fromisoformat(ended).timestamp() <= SETTLED_AFTER_S:
-            return False
-    return True
+        if run.get("status") not in FINAL_RUN_STATUSES or not ended:
+            return now + POLL_S
+        last_end = max(last_end, dt.datetime.fromisoformat(ended).timestamp())
+    if now - last_end > SETTLED_AFTER_S:
+        return float("inf")
+    if tenant.status in IN_FLIGHT:
+        return now + POLL_S
+    return last_end + SETTLED_AFTER_S + POLL_S

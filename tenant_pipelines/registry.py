@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,10 @@ class Tenant:
         return self.valid_until is not None and self.valid_until <= (now or utcnow())
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        """The tenant as the API and ``--json`` show it (datetimes in ISO 8601)."""
+        # Not dataclasses.asdict: its deep copy of every field was half the CPU of a page of
+        # 50 tenants, and every field here is flat.
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["modules"] = list(self.modules)
         for key, value in out.items():
             if isinstance(value, dt.datetime):
@@ -460,6 +463,7 @@ def transition(
 
 
 def set_fields(settings: Settings, tenant_id: str, **values: Any) -> None:
+    """Update columns of a tenant row, stamping ``updated_at`` (the read model polls it)."""
     values["updated_at"] = utcnow()
     with engine(settings).begin() as conn:
         conn.execute(tenants.update().where(tenants.c.id == tenant_id).values(**values))

@@ -1,12 +1,14 @@
 """Platform-admin authentication on a real control-plane database (SQLite file and
 PostgreSQL), the CSRF and redirect rules, and ``tenantctl admin ...`` as a subprocess."""
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +479,94 @@ def test_a_lookup_that_raced_a_revocation_is_not_cached(settings: Settings) -> N
     assert cache.get(settings, token) is None
     cache.put(settings, token, principal, expires, cache.generation)
     assert cache.get(settings, token) == principal
+
+
+def _counting_lookups(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[str]:
+    """Record each database lookup of a Bearer token the middleware makes (the real one)."""
+    calls: list[str] = []
+    real = auth._bearer_lookup
+
+    def lookup(settings: Settings, token: str) -> Any:
+        calls.append(token)
+        time.sleep(delay)  # a slow database: the concurrent callers overlap for sure
+        return real(settings, token)
+
+    monkeypatch.setattr(auth, "_bearer_lookup", lookup)
+    return calls
+
+
+def _whoami_asgi(settings: Settings) -> auth.AuthMiddleware:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["tp.actor"].encode()})
+
+    return auth.AuthMiddleware(app, settings, "/dagster/graphql")
+
+
+def test_concurrent_misses_of_one_token_share_one_database_lookup(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    token = auth.create_api_token(settings, uid("ci"), "test")
+    auth.principals.clear()
+    calls = _counting_lookups(monkeypatch, delay=0.2)
+    middleware = _whoami_asgi(settings)
+
+    async def many() -> list[int]:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            headers = {"Authorization": f"Bearer {token}"}
+            answers = await asyncio.gather(
+                *(client.get("/api/me", headers=headers) for _ in range(20))
+            )
+        return [r.status_code for r in answers]
+
+    assert asyncio.run(many()) == [200] * 20
+    assert calls == [token]
+
+
+def test_a_token_in_use_is_read_again_before_its_entry_expires(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    name = uid("ci")
+    token = auth.create_api_token(settings, name, "test")
+    # Entries of 3 s; a use in the last REFRESH_AHEAD_S (1 s) of one starts a refresh.
+    monkeypatch.setattr(auth, "principals", auth.PrincipalCache(ttl_s=3.0))
+    calls = _counting_lookups(monkeypatch)
+    middleware = _whoami_asgi(settings)
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def scenario() -> list[int]:
+        transport = httpx.ASGITransport(app=middleware)
+        codes = []
+
+        async def get() -> None:
+            codes.append((await client.get("/api/me", headers=headers)).status_code)
+
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await get()  # t=0: a miss, entry until t=3
+            await asyncio.sleep(2.2)
+            await get()  # served from the cache; one background lookup renews the entry
+            await asyncio.gather(*middleware._refreshes)
+            assert len(calls) == 2
+            await asyncio.sleep(1.0)
+            await get()  # t=3.2: past the first entry's end, still cached (renewed to 5.2)
+            assert len(calls) == 2
+            # Revoked by another process: served within the documented window...
+            with registry.engine(settings).begin() as conn:
+                conn.execute(auth.api_tokens.update().values(revoked_at=registry.utcnow()))
+            await get()
+            # ...until the next refresh finds out and drops the entry instead of renewing it.
+            await asyncio.sleep(1.3)
+            await get()
+            await asyncio.gather(*middleware._refreshes)
+            await get()
+        return codes
+
+    assert asyncio.run(scenario()) == [200, 200, 200, 200, 200, 401]
 
 
 def test_a_tenant_logout_in_this_process_empties_the_cache(settings: Settings) -> None:

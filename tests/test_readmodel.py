@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import Tenants
 
-from tenant_pipelines import api, readmodel, registry, runs
+from tenant_pipelines import readmodel, registry, runs
 from tenant_pipelines.settings import Settings
 
 
@@ -39,7 +39,7 @@ def test_pages_equal_the_database_query_for_every_filter_and_offset(control: Set
     t = Tenants(control)
     ids = [t.create().id for _ in range(7)]
     registry.transition(control, ids[2], "failed", allowed_from=("requested",), reason="x")
-    model = readmodel.ReadModel(control, api.tenant_json)
+    model = readmodel.ReadModel(control, registry.Tenant.to_json)
     model.refresh()
     for status in (None, "requested", "failed", "active"):
         for limit, offset in ((50, 0), (3, 0), (3, 3), (2, 6), (5, 100)):
@@ -50,7 +50,7 @@ def test_pages_equal_the_database_query_for_every_filter_and_offset(control: Set
 
 def test_another_writers_changes_and_deletes_appear_at_the_next_refresh(control: Settings) -> None:
     t = Tenants(control)
-    model = readmodel.ReadModel(control, api.tenant_json)
+    model = readmodel.ReadModel(control, registry.Tenant.to_json)
     model.refresh()
     tenant = t.create()
     model.refresh()
@@ -69,7 +69,7 @@ def test_another_writers_changes_and_deletes_appear_at_the_next_refresh(control:
 def test_a_row_written_with_an_old_updated_at_is_still_found(control: Settings) -> None:
     t = Tenants(control)
     t.create()
-    model = readmodel.ReadModel(control, api.tenant_json)
+    model = readmodel.ReadModel(control, registry.Tenant.to_json)
     model.refresh()
     late = t.create()
     long_ago = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
@@ -98,7 +98,7 @@ def test_a_provisioning_answer_is_kept_briefly_in_flight_and_while_settled_and_u
 ) -> None:
     t = Tenants(settings)
     tenant = t.create()
-    model = readmodel.ReadModel(settings, api.tenant_json)
+    model = readmodel.ReadModel(settings, registry.Tenant.to_json)
     model.refresh()
     now = time.time()
     in_flight = provisioning_body(tenant, "STARTED", None)
@@ -124,7 +124,7 @@ def test_a_provisioning_answer_is_kept_briefly_in_flight_and_while_settled_and_u
 
 def test_the_poller_picks_up_changes_by_itself(settings: Settings) -> None:
     t = Tenants(settings)
-    model = readmodel.ReadModel(settings, api.tenant_json)
+    model = readmodel.ReadModel(settings, registry.Tenant.to_json)
     model.start()
     try:
         tenant = t.create()
@@ -157,7 +157,7 @@ def test_warm_up_computes_each_settled_tenant_once_and_leaves_runs_in_flight(
         body = provisioning_body(tenant, "FAILURE", time.time() - runs.SETTLED_AFTER_S - 1)
         return model.keep_provisioning(tenant, body, time.time())
 
-    model = readmodel.ReadModel(settings, api.tenant_json, read)
+    model = readmodel.ReadModel(settings, registry.Tenant.to_json, read)
     model.refresh()
     assert model.warm(10) == 1
     assert computed == [settled.id]
@@ -176,7 +176,7 @@ def test_a_finished_tenants_unsettled_answer_is_served_while_the_warm_up_reads_i
     done = t.create()
     registry.transition(settings, done.id, "failed", allowed_from=("requested",), reason="x")
     done = registry.get_tenant(settings, done.id)
-    model = readmodel.ReadModel(settings, api.tenant_json)
+    model = readmodel.ReadModel(settings, registry.Tenant.to_json)
     model.refresh()
     now = time.time()
     encoded = model.keep_provisioning(done, provisioning_body(done, "STARTED", None), now)
@@ -191,3 +191,26 @@ def test_a_finished_tenants_unsettled_answer_is_served_while_the_warm_up_reads_i
     newer = model.keep_provisioning(done, provisioning_body(done, "SUCCESS", now), now + 1)
     model.keep_provisioning(done, provisioning_body(done, "STARTED", None), now + 0.5)
     assert model.provisioning(done.id) == newer
+
+
+def test_a_finished_tenants_answer_is_read_again_once_when_its_last_run_settles(
+    settings: Settings,
+) -> None:
+    t = Tenants(settings)
+    done = t.create()
+    registry.transition(settings, done.id, "failed", allowed_from=("requested",), reason="x")
+    done = registry.get_tenant(settings, done.id)
+    computed: list[str] = []
+    model = readmodel.ReadModel(settings, registry.Tenant.to_json, computed.append)  # type: ignore[arg-type]
+    model.refresh()
+    now = time.time()
+    settles_in = 0.5
+    ended = provisioning_body(done, "FAILURE", now - runs.SETTLED_AFTER_S + settles_in)
+    model.keep_provisioning(done, ended, now)
+    time.sleep(readmodel.POLL_S + 0.05)
+    # Finished: no re-reading every POLL_S while the run settles (after a burst that kept the
+    # warm-up thread busy for seconds)...
+    assert model.warm(10) == 0 and computed == []
+    time.sleep(settles_in + 0.1)
+    # ...and one re-reading once it has settled.
+    assert model.warm(10) == 1 and computed == [done.id]
