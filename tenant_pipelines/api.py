@@ -12,8 +12,9 @@ import datetime as dt
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio.to_thread
 import dagster_webserver
@@ -201,6 +202,59 @@ def _tenant_id(request: Request, key: str) -> str:
 NO_STORE = {"Cache-Control": "no-store"}
 
 
+def page_query(q: Mapping[str, str]) -> tuple[str | None, int, int]:
+    """``status``, ``limit`` and ``offset`` of ``GET /api/tenants``, checked."""
+    try:
+        limit, offset = int(q.get("limit", "50")), int(q.get("offset", "0"))
+    except ValueError:
+        raise ApiError(400, "bad_query", "limit and offset must be integers") from None
+    if not 1 <= limit <= MAX_LIMIT or offset < 0:
+        raise ApiError(400, "bad_query", f"limit must be 1-{MAX_LIMIT}, offset at least 0")
+    status = q.get("status")
+    if status is not None and status not in registry.STATUSES:
+        raise ApiError(400, "bad_query", f"status must be one of {', '.join(registry.STATUSES)}")
+    return status, limit, offset
+
+
+class StatusReads:
+    """``GET /api/tenants`` and ``GET /api/tenants/{id}/provisioning`` answered straight from
+    the read model when it has the answer, before Starlette's routing and middleware.
+
+    These are what automation polls; the rest of the stack cost more CPU than the answer
+    itself (docs/performance.md). Anything else, including a request the read model cannot
+    answer or a bad query, goes on to the routes, which answer it the usual way.
+    """
+
+    TENANTS = "/api/tenants"
+    PROVISIONING = "/provisioning"
+
+    def __init__(self, app: ASGIApp, catalog: readmodel.ReadModel) -> None:
+        self.app, self.catalog = app, catalog
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self._body(scope) if scope["type"] == "http" and scope["method"] == "GET" else None
+        if body is None:
+            await self.app(scope, receive, send)
+            return
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _body(self, scope: Scope) -> bytes | None:
+        path: str = scope["path"]
+        if path == self.TENANTS:
+            query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+            try:
+                return self.catalog.page(*page_query(query))
+            except ApiError:
+                return None
+        if path.startswith(self.TENANTS + "/") and path.endswith(self.PROVISIONING):
+            tenant_id = path[len(self.TENANTS) + 1 : -len(self.PROVISIONING)]
+            # Only a tenant the read model knows has an answer: no other id gets further.
+            return self.catalog.provisioning(tenant_id) if "/" not in tenant_id else None
+        return None
+
+
 class Service:
     """What the routes share: settings, the Dagster instance and the workspace."""
 
@@ -252,18 +306,7 @@ class Service:
 
     async def index(self, request: Request) -> Any:
         """GET /api/tenants: a page of tenants, optionally of one status."""
-        q = request.query_params
-        try:
-            limit, offset = int(q.get("limit", "50")), int(q.get("offset", "0"))
-        except ValueError:
-            raise ApiError(400, "bad_query", "limit and offset must be integers") from None
-        if not 1 <= limit <= MAX_LIMIT or offset < 0:
-            raise ApiError(400, "bad_query", f"limit must be 1-{MAX_LIMIT}, offset at least 0")
-        status = q.get("status")
-        if status is not None and status not in registry.STATUSES:
-            raise ApiError(
-                400, "bad_query", f"status must be one of {', '.join(registry.STATUSES)}"
-            )
+        status, limit, offset = page_query(request.query_params)
         body = self.catalog.page(status, limit, offset)
         if body is not None:
             return Response(body, media_type="application/json")
@@ -573,7 +616,8 @@ def create_app(settings: Settings, instance: DagsterInstance) -> ASGIApp:
     )
     ours.state.service = service
     service.openapi = openapi_document(route_table(ours))
-    return auth.AuthMiddleware(PrefixDispatch(ours, dagster_app), settings, GRAPHQL_PATH)
+    app = StatusReads(PrefixDispatch(ours, dagster_app), service.catalog)
+    return auth.AuthMiddleware(app, settings, GRAPHQL_PATH)
 
 
 def route_table(app: Starlette) -> list[tuple[str, str]]:

@@ -288,7 +288,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         # tens of milliseconds (p99 of the status reads, docs/performance.md).
         gc.collect()
         gc.freeze()
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     except _Terminated:
         pass
     finally:

@@ -185,17 +185,20 @@ class ReadModel:
                 query = query.where(t.c.updated_at >= self._since - OVERLAP)
             rows = conn.execute(query).mappings().all()
         changed = [registry.Tenant.from_row(r) for r in rows]
-        if full or self.snapshot is None:
+        old = self.snapshot
+        if full or old is None:
             tenants: dict[str, registry.Tenant] = {}
             encoded: dict[str, bytes] = {}
             ids: list[str] = []
         else:
-            old = self.snapshot
             tenants, encoded, ids = dict(old.tenants), dict(old.encoded), old.ids
         added = [x.id for x in changed if x.id not in tenants]
+        # A full reload finds most tenants unchanged: their encoding is reused.
+        before, before_encoded = (old.tenants, old.encoded) if old else ({}, {})
         for x in changed:
             tenants[x.id] = x
-            encoded[x.id] = dumps(self.encode(x))
+            same = before.get(x.id) == x
+            encoded[x.id] = before_encoded[x.id] if same else dumps(self.encode(x))
         if added:
             ids = sorted([*ids, *added])  # timsort: linear on a sorted list plus a few
         if not full and len(tenants) != signature[0]:
@@ -213,9 +216,9 @@ class ReadModel:
         if snap is None:
             return None
         ids = snap.ids_with(status)
-        items = b",".join(snap.encoded[i] for i in ids[offset : offset + limit])
-        tail = dumps({"total": len(ids), "limit": limit, "offset": offset})
-        return b'{"items":[' + items + b"]," + tail[1:]
+        items = b",".join([snap.encoded[i] for i in ids[offset : offset + limit]])
+        tail = b'],"total":%d,"limit":%d,"offset":%d}' % (len(ids), limit, offset)
+        return b'{"items":[' + items + tail
 
     def tenant(self, tenant_id: str) -> registry.Tenant | None:
         snap = self.snapshot

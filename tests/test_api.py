@@ -9,6 +9,7 @@ import http.server
 import json
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from starlette.applications import Starlette
 
 from tenant_pipelines import api, auth, delivery, registry
 from tenant_pipelines.providers import provider_for
+from tenant_pipelines.settings import Settings
 
 PASSWORD = "correct horse battery staple"
 TENANT_PASSWORD = "tenant admin pass phrase"
@@ -1110,3 +1112,63 @@ def test_status_reads_show_own_writes_at_once_and_other_processes_changes_soon(
         wait_status(client, admin, tenant_id, "active")
     finally:
         drop_tenant(served, tenant_id)
+
+
+def test_polled_reads_answered_from_the_read_model_equal_the_routes_and_the_rest_passes(
+    settings: Settings,
+) -> None:
+    from conftest import Tenants
+
+    from tenant_pipelines import readmodel
+
+    t = Tenants(settings)
+    known = [t.create().id for _ in range(3)]
+    model = readmodel.ReadModel(settings, registry.Tenant.to_json)
+    model.refresh()
+    tenant = model.tenant(known[0])
+    assert tenant is not None
+    kept = model.keep_provisioning(tenant, {"tenant_id": tenant.id, "runs": []}, time.time())
+    passed: list[str] = []
+
+    async def routes(scope: Any, receive: Any, send: Any) -> None:
+        passed.append(f"{scope['method']} {scope['path']}?{scope['query_string'].decode()}")
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def get_all(calls: list[tuple[str, str]]) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=api.StatusReads(routes, model))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return [await c.request(method, url) for method, url in calls]
+
+    fast = [
+        ("GET", "/api/tenants"),
+        ("GET", "/api/tenants?limit=2&offset=1"),
+        ("GET", "/api/tenants?status=requested&limit=1&limit=2"),  # the last value counts
+        ("GET", f"/api/tenants/{known[0]}/provisioning"),
+    ]
+    answers = asyncio.run(get_all(fast))
+    assert passed == []
+    items, total = registry.list_tenants(settings, None, 50, 0)
+    expected = {"items": [x.to_json() for x in items], "total": total, "limit": 50, "offset": 0}
+    assert answers[0].json() == expected
+    assert [x["id"] for x in answers[1].json()["items"]] == [x.id for x in items[1:3]]
+    assert answers[2].json()["limit"] == 2 and answers[2].json()["total"] == len(known)
+    assert answers[3].content == kept
+    assert all(r.headers["content-type"] == "application/json" for r in answers)
+    assert all(int(r.headers["content-length"]) == len(r.content) for r in answers)
+
+    # Bad queries, tenants with no kept answer, other methods and paths: the routes answer.
+    others = [
+        ("GET", "/api/tenants?limit=0"),
+        ("GET", "/api/tenants?limit=x"),
+        ("GET", "/api/tenants?status=bogus"),
+        ("GET", f"/api/tenants/{known[1]}/provisioning"),
+        ("GET", "/api/tenants/nobody/provisioning"),
+        ("GET", f"/api/tenants/x/{known[0]}/provisioning"),
+        ("HEAD", "/api/tenants"),
+        ("POST", "/api/tenants"),
+        ("GET", "/api/tenants/"),
+        ("GET", f"/api/tenants/{known[0]}"),
+    ]
+    assert [r.status_code for r in asyncio.run(get_all(others))] == [418] * len(others)
+    assert len(passed) == len(others)
