@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import auth, delivery, health, readmodel, registry, runs
+from . import auth, delivery, health, launcher, readmodel, registry, runs
 from .auth import ApiError, AuthError, RateLimited, error_response
 from .registry import (
     ConflictError,
@@ -580,6 +580,7 @@ def create_app(settings: Settings, instance: DagsterInstance) -> ASGIApp:
         pool_recycle=DB_POOL_RECYCLE_S,
         max_overflow=DB_POOL_MAX_OVERFLOW,
     )
+    launcher.cache_schema_checks(instance)
     stack = contextlib.ExitStack()
     ctx = stack.enter_context(
         WorkspaceProcessContext(

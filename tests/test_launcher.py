@@ -120,3 +120,40 @@ def test_dequeue_loop_honours_an_interval_below_half_a_second() -> None:
     # of the interval, once per pass.
     assert shutdown.waits and all(w is not None and 0 < w <= 0.2 for w in shutdown.waits)
     assert len(shutdown.waits) >= len(passes) - 1
+
+
+def test_run_storage_reads_its_schema_once_instead_of_on_every_run_query() -> None:
+    import uuid
+
+    import sqlalchemy as sa
+    from conftest import pg_database
+    from dagster import instance_for_test
+
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    def catalog(found: list[str]) -> list[str]:
+        return [s for s in found if "pg_catalog" in s or "pg_attribute" in s]
+
+    with pg_database(f"tp_dg_{uuid.uuid4().hex[:10]}") as url:
+        # dagster-postgres speaks psycopg2 (docs/production.md).
+        url = url.replace("+psycopg:", "+psycopg2:")
+        overrides = {"storage": {"postgres": {"postgres_url": url}}}
+        with instance_for_test(overrides=overrides) as instance:
+            sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
+            try:
+                instance.get_run_records()
+                instance.get_run_records()
+                uncached = list(statements)
+                launcher.pool_storage(instance, max_overflow=0)
+                statements.clear()
+                for _ in range(3):
+                    instance.get_run_records()
+            finally:
+                sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+    # Dagster alone reflects the runs table's columns before every runs query...
+    assert len(catalog(uncached)) >= 2
+    # ...and no more once the columns are known: one statement per query.
+    assert catalog(statements) == [] and len(statements) == 3, statements
