@@ -169,13 +169,17 @@ def test_warm_up_computes_each_settled_tenant_once_and_leaves_runs_in_flight(
     assert model.warm(10) == 1 and computed == [settled.id, settled.id]
 
 
+def failed_tenant(settings: Settings) -> registry.Tenant:
+    """A tenant with no run in flight (failed), as the read model sees it."""
+    tenant = Tenants(settings).create()
+    registry.transition(settings, tenant.id, "failed", allowed_from=("requested",), reason="x")
+    return registry.get_tenant(settings, tenant.id)
+
+
 def test_a_finished_tenants_unsettled_answer_is_served_while_the_warm_up_reads_it_again(
     settings: Settings,
 ) -> None:
-    t = Tenants(settings)
-    done = t.create()
-    registry.transition(settings, done.id, "failed", allowed_from=("requested",), reason="x")
-    done = registry.get_tenant(settings, done.id)
+    done = failed_tenant(settings)
     model = readmodel.ReadModel(settings, registry.Tenant.to_json)
     model.refresh()
     now = time.time()
@@ -196,10 +200,7 @@ def test_a_finished_tenants_unsettled_answer_is_served_while_the_warm_up_reads_i
 def test_a_finished_tenants_answer_is_read_again_once_when_its_last_run_settles(
     settings: Settings,
 ) -> None:
-    t = Tenants(settings)
-    done = t.create()
-    registry.transition(settings, done.id, "failed", allowed_from=("requested",), reason="x")
-    done = registry.get_tenant(settings, done.id)
+    done = failed_tenant(settings)
     computed: list[str] = []
     model = readmodel.ReadModel(settings, registry.Tenant.to_json, computed.append)  # type: ignore[arg-type]
     model.refresh()
