@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -51,6 +51,16 @@ def dumps(value: Any) -> bytes:
     return json.dumps(
         value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
     ).encode("utf-8")
+
+
+class Kept(NamedTuple):
+    """A computed provisioning answer."""
+
+    key: tuple[Any, ...]  # the tenant row it was computed for (_key)
+    body: bytes
+    until: float  # time.time() after which it must be read again
+    began: float  # time.time() when its reading began
+    runs_final: bool  # every run in it had finished
 
 
 @dataclass(frozen=True)
@@ -96,11 +106,7 @@ class ReadModel:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         # Oldest first; bounded so that memory does not grow with every tenant.
-        # tenant id -> (tenant key, body, time.time() after which it must be read again,
-        # time.time() when its reading began)
-        self._provisioning: OrderedDict[str, tuple[tuple[Any, ...], bytes, float, float]] = (
-            OrderedDict()
-        )
+        self._provisioning: OrderedDict[str, Kept] = OrderedDict()
 
     # --- lifecycle
     def start(self) -> None:
@@ -154,7 +160,7 @@ class ReadModel:
             if tenant.status in IN_FLIGHT:
                 continue
             kept = self._provisioning.get(tenant_id)
-            if kept is not None and kept[0] == _key(tenant) and time.time() <= kept[2]:
+            if kept is not None and kept.key == _key(tenant) and time.time() <= kept.until:
                 continue
             self.provision_reader(tenant_id)
             done += 1
@@ -228,13 +234,15 @@ class ReadModel:
         """A kept provisioning answer for the tenant, if still valid."""
         tenant = self.tenant(tenant_id)
         kept = self._provisioning.get(tenant_id)
-        if tenant is None or kept is None or kept[0] != _key(tenant):
+        if tenant is None or kept is None or kept.key != _key(tenant):
             return None
-        if time.time() > kept[2] and tenant.status in IN_FLIGHT:
+        if time.time() > kept.until and (tenant.status in IN_FLIGHT or not kept.runs_final):
+            # A run was in flight (the tenant may already be active: the last step marks it
+            # before the run ends): read it again, as fresh as the rest of this model.
             return None
-        # Past its time but with no run in flight: only the last run's final events can still
+        # Past its time with every run finished: only the last run's final events can still
         # arrive; the warm-up thread reads it again, readers get this one meanwhile.
-        return kept[1]
+        return kept.body
 
     def keep_provisioning(self, tenant: registry.Tenant, body: dict[str, Any], now: float) -> bytes:
         """Encode a provisioning answer and keep it: until the tenant row changes if every run
@@ -246,8 +254,9 @@ class ReadModel:
             with self._lock:
                 kept = self._provisioning.get(tenant.id)
                 # Two readings can overlap (a request and the warm-up): the later one wins.
-                if kept is None or kept[0] != _key(tenant) or kept[3] <= now:
-                    self._provisioning[tenant.id] = (_key(tenant), encoded, until, now)
+                if kept is None or kept.key != _key(tenant) or kept.began <= now:
+                    final = all(r.get("status") in FINAL_RUN_STATUSES for r in body["runs"])
+                    self._provisioning[tenant.id] = Kept(_key(tenant), encoded, until, now, final)
                 while len(self._provisioning) > PROVISIONING_KEPT:
                     self._provisioning.popitem(last=False)
         return encoded
