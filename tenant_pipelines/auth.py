@@ -814,6 +814,12 @@ SECURITY_HEADERS = (
 )
 
 
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    # Its exception reaches every caller that still waits; none left is no reason to warn.
+    if not task.cancelled():
+        task.exception()
+
+
 class AuthMiddleware:
     """Pure ASGI authentication in front of everything (HTTP and WebSocket).
 
@@ -829,7 +835,7 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, graphql_path: str) -> None:
         self.app, self.settings, self.graphql_path = app, settings, graphql_path
         # One database lookup per Bearer token at a time; concurrent callers share it.
-        self._lookups: dict[tuple[int, str], asyncio.Future[Principal | None]] = {}
+        self._lookups: dict[tuple[int, str], asyncio.Task[Principal | None]] = {}
         self._refreshes: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -923,22 +929,17 @@ class AuthMiddleware:
     async def _lookup(self, bearer: str | None, cookies: Mapping[str, str]) -> Principal | None:
         if not bearer:
             return await run_in_threadpool(self._authenticate, bearer, cookies)
-        key = (id(asyncio.get_running_loop()), identity.token_hash(bearer))
-        shared = self._lookups.get(key)
-        if shared is not None:
-            return await asyncio.shield(shared)
-        future: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
-        self._lookups[key] = future
-        try:
-            principal = await run_in_threadpool(self._authenticate, bearer, cookies)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: the callers waiting on it get it too
-            raise
-        finally:
-            del self._lookups[key]
-        future.set_result(principal)
-        return principal
+        loop = asyncio.get_running_loop()
+        key = (id(loop), identity.token_hash(bearer))
+        task = self._lookups.get(key)
+        if task is None:
+            # A task of its own, awaited through shield(): a caller that goes away (a client
+            # disconnecting) does not cancel the lookup the others wait for.
+            task = loop.create_task(run_in_threadpool(self._authenticate, bearer, cookies))
+            self._lookups[key] = task
+            task.add_done_callback(lambda _: self._lookups.pop(key, None))
+            task.add_done_callback(_retrieved)
+        return await asyncio.shield(task)
 
     async def _refresh(self, bearer: str) -> None:
         try:

@@ -526,6 +526,26 @@ def test_concurrent_misses_of_one_token_share_one_database_lookup(
     assert calls == [token]
 
 
+def test_a_caller_that_goes_away_does_not_cancel_the_lookup_others_wait_for(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = uid("ci")
+    token = auth.create_api_token(settings, name, "test")
+    auth.principals.clear()
+    calls = _counting_lookups(monkeypatch, delay=0.3)
+    middleware = _whoami_asgi(settings)
+
+    async def scenario() -> auth.Principal | None:
+        first = asyncio.create_task(middleware._lookup(token, {}))
+        second = asyncio.create_task(middleware._lookup(token, {}))
+        await asyncio.sleep(0.1)
+        first.cancel()  # its client disconnected mid-lookup
+        return await second
+
+    assert asyncio.run(scenario()) == auth.Principal("token", name)
+    assert calls == [token]
+
+
 def test_a_token_in_use_is_read_again_before_its_entry_expires(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
