@@ -615,6 +615,9 @@ def create_app(settings: Settings, instance: DagsterInstance) -> ASGIApp:
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
+    # A JSON API answers the path it was given: "/api/tenants/x%2F" decodes to a trailing
+    # slash, and Starlette's default 307 to the slashless path is no error in our shape.
+    ours.router.redirect_slashes = False
     ours.state.service = service
     service.openapi = openapi_document(route_table(ours))
     app = StatusReads(PrefixDispatch(ours, dagster_app), service.catalog)
